@@ -1,0 +1,90 @@
+//! The one interface every backend implements: run the model over a ragged batch.
+//!
+//! Each entry of a batch names a sequence (whose KV cache the engine keeps) and brings the
+//! sequence's new tokens; their positions continue where the sequence's cache ends. Prefill,
+//! decode, scoring and continuous batching are all this same call, and callers never pad.
+
+use crate::config::Gpt2Config;
+use crate::error::Result;
+
+/// A sequence whose KV cache lives in the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SeqId(pub u64);
+
+/// Which logits a batch entry wants back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsFor {
+    /// None (the tokens only extend the cache).
+    Nothing,
+    /// The last new token's (what generation needs).
+    Last,
+    /// Every new token's (what scoring needs).
+    All,
+}
+
+/// One entry of a ragged batch.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchEntry<'a> {
+    pub seq: SeqId,
+    pub tokens: &'a [u32],
+    pub logits: LogitsFor,
+}
+
+/// Logits returned by [`Engine::forward`]: rows of `vocab` floats, grouped by batch entry.
+#[derive(Debug, Clone, Default)]
+pub struct Logits {
+    pub vocab: usize,
+    data: Vec<f32>,
+    /// For each batch entry, the range of rows that belong to it.
+    rows: Vec<std::ops::Range<usize>>,
+}
+
+impl Logits {
+    /// Builds logits from flat rows and, per entry, how many rows it has.
+    pub fn new(vocab: usize, data: Vec<f32>, rows_per_entry: &[usize]) -> Self {
+        let mut rows = Vec::with_capacity(rows_per_entry.len());
+        let mut start = 0;
+        for &n in rows_per_entry {
+            rows.push(start..start + n);
+            start += n;
+        }
+        debug_assert_eq!(start * vocab, data.len());
+        Self { vocab, data, rows }
+    }
+
+    /// The rows of batch entry `entry` (empty if it asked for nothing).
+    pub fn entry(&self, entry: usize) -> impl ExactSizeIterator<Item = &[f32]> {
+        let r = self.rows[entry].clone();
+        self.data[r.start * self.vocab..r.end * self.vocab].chunks_exact(self.vocab.max(1))
+    }
+
+    /// The last row of batch entry `entry`, if it has any.
+    pub fn last(&self, entry: usize) -> Option<&[f32]> {
+        self.entry(entry).last()
+    }
+}
+
+/// A GPT-2 forward pass with a KV cache per sequence.
+pub trait Engine {
+    /// The model's hyperparameters.
+    fn config(&self) -> &Gpt2Config;
+
+    /// A short description: backend, precision, threads (for logs and bench reports).
+    fn describe(&self) -> String;
+
+    /// Starts an empty sequence.
+    fn add_sequence(&mut self) -> SeqId;
+
+    /// Starts a sequence whose cache is a copy of `parent`'s (for several samples of one prompt).
+    fn fork_sequence(&mut self, parent: SeqId) -> Result<SeqId>;
+
+    /// Frees a sequence and its cache. Unknown ids are ignored.
+    fn remove_sequence(&mut self, seq: SeqId);
+
+    /// Tokens in the sequence's cache, or `None` for an unknown id.
+    fn sequence_len(&self, seq: SeqId) -> Option<usize>;
+
+    /// Appends each entry's tokens to its sequence and returns the logits asked for.
+    /// Fails (and changes nothing) if a sequence would exceed the context length.
+    fn forward(&mut self, batch: &[BatchEntry<'_>]) -> Result<Logits>;
+}
