@@ -156,13 +156,14 @@ impl Checkpoint {
             reason: format!("tensor '{name}' is missing"),
         })?;
         let (path, map) = &self.files[entry.file];
-        let dtype = StoredDtype::from_safetensors(entry.dtype).ok_or_else(|| Error::BadCheckpoint {
-            path: path.clone(),
-            reason: format!(
-                "tensor '{name}' is stored as {:?}; gpt2rs reads F32, F16 and BF16 checkpoints",
-                entry.dtype
-            ),
-        })?;
+        let dtype =
+            StoredDtype::from_safetensors(entry.dtype).ok_or_else(|| Error::BadCheckpoint {
+                path: path.clone(),
+                reason: format!(
+                    "tensor '{name}' is stored as {:?}; gpt2rs reads F32, F16 and BF16 checkpoints",
+                    entry.dtype
+                ),
+            })?;
         Ok(TensorRef {
             name,
             dtype,
@@ -223,7 +224,10 @@ fn find_weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
                 return Err(Error::MissingFile {
                     what: "weight shard",
                     path: p,
-                    hint: format!("listed in {}; the download may be incomplete", index.display()),
+                    hint: format!(
+                        "listed in {}; the download may be incomplete",
+                        index.display()
+                    ),
                 });
             }
             paths.push(p);

@@ -114,7 +114,8 @@ impl Gpt2Config {
                 Error::MissingFile {
                     what: "config.json",
                     path: path.to_path_buf(),
-                    hint: "a GPT-2 checkpoint directory needs config.json next to its weights".into(),
+                    hint: "a GPT-2 checkpoint directory needs config.json next to its weights"
+                        .into(),
                 }
             } else {
                 Error::io(path, e)
@@ -260,7 +261,10 @@ mod tests {
                 "n_inner":200,"activation_function":"gelu_new","tie_word_embeddings":false}"#,
         )
         .unwrap();
-        assert_eq!((cfg.n_positions, cfg.n_inner, cfg.head_dim()), (96, 200, 16));
+        assert_eq!(
+            (cfg.n_positions, cfg.n_inner, cfg.head_dim()),
+            (96, 200, 16)
+        );
         assert!(!cfg.tie_word_embeddings);
     }
 }

@@ -47,8 +47,7 @@ impl Tokenizer {
         let token_bytes = (0..n as u32)
             .map(|id| match inner.id_to_token(id) {
                 Some(tok) => {
-                    let mapped: Option<Vec<u8>> =
-                        tok.chars().map(|ch| byte_of_char(ch)).collect();
+                    let mapped: Option<Vec<u8>> = tok.chars().map(|ch| byte_of_char(ch)).collect();
                     // Tokens outside the byte-level alphabet (added tokens) stand for their text.
                     mapped.unwrap_or_else(|| tok.into_bytes())
                 }
@@ -110,7 +109,8 @@ fn byte_level_decoder() -> impl Fn(char) -> Option<u8> {
     let mut table = std::collections::HashMap::new();
     let mut n = 0u32;
     for b in 0u32..256 {
-        let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+        let printable =
+            (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
         let ch = if printable {
             b
         } else {

@@ -95,11 +95,14 @@ impl ModelWeights {
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
-            let name = ckpt.find(&["lm_head.weight"]).ok_or_else(|| Error::BadCheckpoint {
-                path: ckpt.dir.clone(),
-                reason: "config.json says tie_word_embeddings=false but there is no lm_head.weight"
-                    .into(),
-            })?;
+            let name = ckpt
+                .find(&["lm_head.weight"])
+                .ok_or_else(|| Error::BadCheckpoint {
+                    path: ckpt.dir.clone(),
+                    reason:
+                        "config.json says tie_word_embeddings=false but there is no lm_head.weight"
+                            .into(),
+                })?;
             Some(loader.exact(name, &[v, c])?)
         };
         Ok(Self {
@@ -188,19 +191,21 @@ fn synthetic_values(n: usize, seed: u64, mean: f32, std: f32) -> Vec<f32> {
     const CHUNK: usize = 1 << 16;
     let half_width = std * 3f32.sqrt();
     let mut out = vec![0f32; n];
-    out.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, chunk)| {
-        let mut state = seed ^ (ci as u64).wrapping_mul(0xA076_1D64_78BD_642F);
-        for x in chunk {
-            // splitmix64
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            let unit = (z >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
-            *x = mean + half_width * (2.0 * unit - 1.0);
-        }
-    });
+    out.par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(ci, chunk)| {
+            let mut state = seed ^ (ci as u64).wrapping_mul(0xA076_1D64_78BD_642F);
+            for x in chunk {
+                // splitmix64
+                state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let mut z = state;
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                z ^= z >> 31;
+                let unit = (z >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
+                *x = mean + half_width * (2.0 * unit - 1.0);
+            }
+        });
     out
 }
 
@@ -322,7 +327,11 @@ mod tests {
         assert_eq!(a.layers[0].qkv.w.rows, 3 * 768);
         assert_eq!(a.layers[0].mlp_out.w.cols, 3072);
         let mean = a.wte.data.iter().sum::<f32>() / a.wte.data.len() as f32;
-        let var = a.wte.data.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / a.wte.data.len() as f32;
-        assert!(mean.abs() < 1e-3 && (var.sqrt() - 0.02).abs() < 1e-3, "{mean} {var}");
+        let var =
+            a.wte.data.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / a.wte.data.len() as f32;
+        assert!(
+            mean.abs() < 1e-3 && (var.sqrt() - 0.02).abs() < 1e-3,
+            "{mean} {var}"
+        );
     }
 }

@@ -40,7 +40,8 @@ pub fn attend(
             let n = place.pos + 1;
             SCORES.with_borrow_mut(|scores| {
                 scores.clear();
-                scores.extend((0..n).map(|s| simd::dot(q, &keys[s * width + h * d..][..d]) * scale));
+                scores
+                    .extend((0..n).map(|s| simd::dot(q, &keys[s * width + h * d..][..d]) * scale));
                 simd::softmax(scores);
                 out.fill(0.0);
                 for (s, &p) in scores.iter().enumerate() {
@@ -66,7 +67,9 @@ mod tests {
             let row = &qkv[t * 3 * width..(t + 1) * 3 * width];
             cache.append(0, &row[width..2 * width], &row[2 * width..], width);
         }
-        let places: Vec<RowPlace> = (0..len).map(|pos| RowPlace { cache: &cache, pos }).collect();
+        let places: Vec<RowPlace> = (0..len)
+            .map(|pos| RowPlace { cache: &cache, pos })
+            .collect();
         let scale = 1.0 / (d as f32).sqrt();
         let mut out = vec![0f32; len * width];
         attend(&qkv, &places, 0, n_head, scale, &mut out);
@@ -76,14 +79,25 @@ mod tests {
                 let k = |s: usize| &qkv[s * 3 * width + width + h * d..][..d];
                 let v = |s: usize| &qkv[s * 3 * width + 2 * width + h * d..][..d];
                 let scores: Vec<f64> = (0..=t)
-                    .map(|s| q.iter().zip(k(s)).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() * scale as f64)
+                    .map(|s| {
+                        q.iter()
+                            .zip(k(s))
+                            .map(|(a, b)| *a as f64 * *b as f64)
+                            .sum::<f64>()
+                            * scale as f64
+                    })
                     .collect();
                 let m = scores.iter().copied().fold(f64::MIN, f64::max);
                 let z: f64 = scores.iter().map(|s| (s - m).exp()).sum();
                 for j in 0..d {
-                    let want: f64 = (0..=t).map(|s| (scores[s] - m).exp() / z * v(s)[j] as f64).sum();
+                    let want: f64 = (0..=t)
+                        .map(|s| (scores[s] - m).exp() / z * v(s)[j] as f64)
+                        .sum();
                     let got = out[t * width + h * d + j] as f64;
-                    assert!((got - want).abs() < 1e-5, "t={t} h={h} j={j}: {got} vs {want}");
+                    assert!(
+                        (got - want).abs() < 1e-5,
+                        "t={t} h={h} j={j}: {got} vs {want}"
+                    );
                 }
             }
         }

@@ -46,12 +46,24 @@ fn streaming(x: &[f32], rows: usize, w: &Matrix, bias: Option<&[f32]>, out: &mut
     let threads = rayon::current_num_threads();
     // Enough blocks to balance the threads, each a multiple of 4 rows and big enough that
     // scheduling costs little next to streaming its weights.
-    let block = (n.div_ceil(threads * 4)).next_multiple_of(4).max(64).min(n.next_multiple_of(4));
+    let block = (n.div_ceil(threads * 4))
+        .next_multiple_of(4)
+        .max(64)
+        .min(n.next_multiple_of(4));
     let out_ptr = OutPtr(out.as_mut_ptr());
     (0..n.div_ceil(block)).into_par_iter().for_each(|b| {
         let (j0, j1) = (b * block, ((b + 1) * block).min(n));
         let out = out_ptr.get();
         let mut j = j0;
+        if rows == 1 {
+            // One input row: walk the weight rows in order, a single sequential stream.
+            for j in j0..j1 {
+                let v = simd::dot(x, w.row(j)) + bias.map_or(0.0, |b| b[j]);
+                // SAFETY: j is inside `out` and written by this task alone.
+                unsafe { *out.add(j) = v };
+            }
+            return;
+        }
         while j < j1 {
             let m = (j1 - j).min(4);
             // Fewer than four rows left: repeat the last one (its results are dropped).

@@ -91,31 +91,43 @@ fn dot_impl<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-dispatch! {
-    /// Σ a[i]·b[i] over the shorter length.
-    pub fn dot(a: &[f32], b: &[f32]) -> f32 => dot_impl
+/// Σ a[i]·b[i] over the shorter length.
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        let n = a.len().min(b.len());
+        // SAFETY: AVX2 and FMA are present; both slices hold at least n elements.
+        return unsafe { x86::dot(&a[..n], &b[..n]) };
+    }
+    dot_impl::<NATIVE_FMA>(a, b)
+}
+
+#[inline(always)]
+fn lanes(c: &[f32]) -> &[f32; LANES] {
+    c.try_into().expect("chunk of LANES")
 }
 
 #[inline(always)]
 fn dot4_impl<const FMA: bool>(x: &[f32], w: [&[f32]; 4]) -> [f32; 4] {
     let n = x.len();
     let mut acc = [[0f32; LANES]; 4];
-    let full = n / LANES * LANES;
-    let mut i = 0;
-    while i < full {
-        let xs = &x[i..i + LANES];
+    let xs = x.chunks_exact(LANES);
+    let tail = xs.remainder().len();
+    let rows = w.map(|r| r.chunks_exact(LANES));
+    let [r0, r1, r2, r3] = rows;
+    for ((((xc, c0), c1), c2), c3) in xs.zip(r0).zip(r1).zip(r2).zip(r3) {
+        let xc = lanes(xc);
+        let cs = [lanes(c0), lanes(c1), lanes(c2), lanes(c3)];
         for r in 0..4 {
-            let ws = &w[r][i..i + LANES];
             for l in 0..LANES {
-                acc[r][l] = madd::<FMA>(xs[l], ws[l], acc[r][l]);
+                acc[r][l] = madd::<FMA>(xc[l], cs[r][l], acc[r][l]);
             }
         }
-        i += LANES;
     }
     let mut out = [0f32; 4];
     for r in 0..4 {
         let mut s = hsum(acc[r]);
-        for j in full..n {
+        for j in n - tail..n {
             s = madd::<FMA>(x[j], w[r][j], s);
         }
         out[r] = s;
@@ -123,9 +135,102 @@ fn dot4_impl<const FMA: bool>(x: &[f32], w: [&[f32]; 4]) -> [f32; 4] {
     out
 }
 
-dispatch! {
-    /// Four dot products of `x` with four rows (each at least `x.len()` long), sharing the loads of `x`.
-    pub fn dot4(x: &[f32], w: [&[f32]; 4]) -> [f32; 4] => dot4_impl
+/// Four dot products of `x` with four rows (each at least `x.len()` long), sharing the loads of `x`.
+pub fn dot4(x: &[f32], w: [&[f32]; 4]) -> [f32; 4] {
+    let n = x.len();
+    let w = w.map(|r| &r[..n]);
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: AVX2 and FMA are present; every row holds n elements.
+        return unsafe { x86::dot4(x, w) };
+    }
+    dot4_impl::<NATIVE_FMA>(x, w)
+}
+
+/// Hand-written AVX2 versions of the hottest kernels: the compiler's automatic vectorization
+/// of the portable loops shuffles lanes needlessly for these.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    /// Σ a·b; `a` and `b` have the same length.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len();
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 32 <= n {
+            for (u, acc) in acc.iter_mut().enumerate() {
+                let o = i + 8 * u;
+                *acc =
+                    _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(o)), _mm256_loadu_ps(pb.add(o)), *acc);
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            acc[0] = _mm256_fmadd_ps(
+                _mm256_loadu_ps(pa.add(i)),
+                _mm256_loadu_ps(pb.add(i)),
+                acc[0],
+            );
+            i += 8;
+        }
+        let mut s = hsum(_mm256_add_ps(
+            _mm256_add_ps(acc[0], acc[1]),
+            _mm256_add_ps(acc[2], acc[3]),
+        ));
+        while i < n {
+            s = (*pa.add(i)).mul_add(*pb.add(i), s);
+            i += 1;
+        }
+        s
+    }
+
+    /// Four dot products sharing the loads of `x`; each row has `x.len()` elements.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot4(x: &[f32], w: [&[f32]; 4]) -> [f32; 4] {
+        let n = x.len();
+        let px = x.as_ptr();
+        let pw = w.map(|r| r.as_ptr());
+        // Two accumulators per row so consecutive FMAs do not wait on each other.
+        let mut acc = [_mm256_setzero_ps(); 8];
+        let mut i = 0;
+        while i + 16 <= n {
+            let x0 = _mm256_loadu_ps(px.add(i));
+            let x1 = _mm256_loadu_ps(px.add(i + 8));
+            for r in 0..4 {
+                acc[2 * r] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(pw[r].add(i)), acc[2 * r]);
+                acc[2 * r + 1] =
+                    _mm256_fmadd_ps(x1, _mm256_loadu_ps(pw[r].add(i + 8)), acc[2 * r + 1]);
+            }
+            i += 16;
+        }
+        if i + 8 <= n {
+            let x0 = _mm256_loadu_ps(px.add(i));
+            for r in 0..4 {
+                acc[2 * r] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(pw[r].add(i)), acc[2 * r]);
+            }
+            i += 8;
+        }
+        let mut out = [0f32; 4];
+        for r in 0..4 {
+            let mut s = hsum(_mm256_add_ps(acc[2 * r], acc[2 * r + 1]));
+            for j in i..n {
+                s = (*px.add(j)).mul_add(*pw[r].add(j), s);
+            }
+            out[r] = s;
+        }
+        out
+    }
 }
 
 #[inline(always)]
@@ -268,7 +373,11 @@ fn layer_norm_impl<const FMA: bool>(
             acc[l] = madd::<FMA>(d, d, acc[l]);
         }
     }
-    let rem: f32 = chunks.remainder().iter().map(|v| (v - mean) * (v - mean)).sum();
+    let rem: f32 = chunks
+        .remainder()
+        .iter()
+        .map(|v| (v - mean) * (v - mean))
+        .sum();
     let var = (hsum(acc) + rem) / n;
     let inv = 1.0 / (var + eps).sqrt();
     for (((o, v), g), b) in out.iter_mut().zip(x).zip(gamma).zip(beta) {
@@ -289,7 +398,9 @@ mod tests {
         let mut s = seed;
         (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
             })
             .collect()
@@ -300,12 +411,23 @@ mod tests {
         for n in [1, 7, 15, 16, 17, 63, 769, 1600, 6400] {
             let a = rand_vec(n, 1);
             let rows: Vec<Vec<f32>> = (0..4).map(|r| rand_vec(n, 10 + r)).collect();
-            let exact = |w: &[f32]| a.iter().zip(w).map(|(x, y)| *x as f64 * *y as f64).sum::<f64>();
+            let exact = |w: &[f32]| {
+                a.iter()
+                    .zip(w)
+                    .map(|(x, y)| *x as f64 * *y as f64)
+                    .sum::<f64>()
+            };
             let tol = 1e-5 * (n as f64).sqrt();
-            assert!((dot(&a, &rows[0]) as f64 - exact(&rows[0])).abs() < tol, "dot n={n}");
+            assert!(
+                (dot(&a, &rows[0]) as f64 - exact(&rows[0])).abs() < tol,
+                "dot n={n}"
+            );
             let d4 = dot4(&a, [&rows[0], &rows[1], &rows[2], &rows[3]]);
             for r in 0..4 {
-                assert!((d4[r] as f64 - exact(&rows[r])).abs() < tol, "dot4 n={n} r={r}");
+                assert!(
+                    (d4[r] as f64 - exact(&rows[r])).abs() < tol,
+                    "dot4 n={n} r={r}"
+                );
             }
         }
     }
@@ -330,7 +452,10 @@ mod tests {
             let rel = (exp_approx::<false>(x) as f64 - (x as f64).exp()).abs() / (x as f64).exp();
             assert!(rel < 3e-7, "exp({x}) rel err {rel}");
         }
-        let mut v = rand_vec(1601, 3).iter().map(|x| x * 20.0).collect::<Vec<_>>();
+        let mut v = rand_vec(1601, 3)
+            .iter()
+            .map(|x| x * 20.0)
+            .collect::<Vec<_>>();
         let max = v.iter().copied().fold(f32::MIN, f32::max) as f64;
         let denom: f64 = v.iter().map(|x| (*x as f64 - max).exp()).sum();
         let want: Vec<f64> = v.iter().map(|x| (*x as f64 - max).exp() / denom).collect();
@@ -345,10 +470,18 @@ mod tests {
         gelu_erf(&mut ge);
         for ((x, t), e) in xs.iter().zip(&g).zip(&ge) {
             let x = *x as f64;
-            let want_t = 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh());
-            assert!((*t as f64 - want_t).abs() < 2e-6 * (1.0 + x.abs()), "gelu_tanh({x})");
+            let want_t = 0.5
+                * x
+                * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh());
+            assert!(
+                (*t as f64 - want_t).abs() < 2e-6 * (1.0 + x.abs()),
+                "gelu_tanh({x})"
+            );
             let want_e = 0.5 * x * (1.0 + erf_series(x / std::f64::consts::SQRT_2));
-            assert!((*e as f64 - want_e).abs() < 1e-6 * (1.0 + x.abs()), "gelu_erf({x})");
+            assert!(
+                (*e as f64 - want_e).abs() < 1e-6 * (1.0 + x.abs()),
+                "gelu_erf({x})"
+            );
         }
     }
 

@@ -1,0 +1,125 @@
+//! Command-line arguments.
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+/// GPT-2 inference that matches Hugging Face transformers, on this machine's CPU.
+///
+/// Models: gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2, any hub name (owner/name),
+/// a local checkpoint directory, or synthetic:PRESET for random weights of the exact shape
+/// (no download; the default).
+#[derive(Parser, Debug)]
+#[command(name = "gpt2rs", version, propagate_version = true)]
+pub struct Cli {
+    /// Worker threads (default: all cores).
+    #[arg(long, global = true)]
+    pub threads: Option<usize>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Continue prompts with text.
+    Generate(GenerateArgs),
+    /// Perplexity of a text (transformers' sliding-window protocol).
+    Score(ScoreArgs),
+    /// Show a model's configuration, size and memory needs.
+    Info(InfoArgs),
+}
+
+/// Which model to load.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Model: gpt2 | gpt2-medium | gpt2-large | gpt2-xl | distilgpt2 | owner/name[@revision] |
+    /// ./checkpoint-dir | synthetic:PRESET. Default: synthetic:gpt2 (random weights).
+    #[arg(long, short = 'm')]
+    pub model: Option<String>,
+    /// Random weights of this preset's shape (or of a config.json) instead of a checkpoint.
+    #[arg(long, value_name = "PRESET|CONFIG", conflicts_with = "model")]
+    pub synthetic: Option<String>,
+    /// Seed of the synthetic weights.
+    #[arg(long, default_value_t = 0)]
+    pub weights_seed: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt text; repeat the flag to generate for several prompts in one batch.
+    #[arg(long, short = 'p')]
+    pub prompt: Vec<String>,
+    /// Read prompts from a file, one per line.
+    #[arg(long, value_name = "FILE")]
+    pub prompt_file: Option<PathBuf>,
+    /// Tokens to generate per sequence.
+    #[arg(long, short = 'n', default_value_t = 50)]
+    pub max_new_tokens: usize,
+    /// Always take the most likely token (the default unless a sampling flag is given).
+    #[arg(long, conflicts_with_all = ["temperature", "top_k", "top_p"])]
+    pub greedy: bool,
+    /// Sample at this temperature (turns sampling on).
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    /// Sample among the k most likely tokens (turns sampling on; 0 = all).
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Sample from the smallest set of tokens with this much probability (turns sampling on).
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    /// Penalize tokens already present (transformers' repetition_penalty; 1.0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    /// Random seed for sampling (same seed, same text). Default: a fresh one, printed with --stats.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Samples per prompt (needs sampling).
+    #[arg(long, default_value_t = 1)]
+    pub num_return_sequences: usize,
+    /// Stop when this string appears (not printed); repeatable.
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Keep generating past <|endoftext|>.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Keep only the last tokens of a prompt longer than the context instead of failing.
+    #[arg(long)]
+    pub truncate: bool,
+    /// Print timings: prompt tokens, time to first token, prefill and decode speed.
+    #[arg(long)]
+    pub stats: bool,
+    /// Print one JSON object per sequence instead of plain text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ScoreArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The text to score.
+    #[arg(long, value_name = "FILE")]
+    pub text_file: PathBuf,
+    /// Window length in tokens (default: the model's context).
+    #[arg(long)]
+    pub max_length: Option<usize>,
+    /// How far each window moves (default: half the window).
+    #[arg(long)]
+    pub stride: Option<usize>,
+    /// Print JSON with per-token log-probabilities.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct InfoArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Context length for the KV-cache estimate (default: the model's).
+    #[arg(long)]
+    pub context: Option<usize>,
+    /// Sequences for the KV-cache estimate.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+}

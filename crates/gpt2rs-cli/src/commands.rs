@@ -1,0 +1,337 @@
+//! The subcommands: thin layers over the library.
+
+use crate::args::{GenerateArgs, InfoArgs, ModelArgs, ScoreArgs};
+use anyhow::{bail, Context, Result};
+use gpt2rs::checkpoint::Checkpoint;
+use gpt2rs::config::Gpt2Config;
+use gpt2rs::cpu::CpuEngine;
+use gpt2rs::engine::Engine;
+use gpt2rs::generate::{self, GenerationConfig, SamplingParams};
+use gpt2rs::hub::{FetchOptions, ModelSpec};
+use gpt2rs::memory::{self, Bytes};
+use gpt2rs::model::{self, LoadedModel};
+use std::io::{IsTerminal, Write};
+use std::time::Instant;
+
+fn model_spec(args: &ModelArgs) -> Result<ModelSpec> {
+    Ok(match (&args.synthetic, &args.model) {
+        (Some(s), _) => ModelSpec::synthetic(s)?,
+        (None, Some(m)) => ModelSpec::parse(m)?,
+        (None, None) => ModelSpec::synthetic("gpt2")?,
+    })
+}
+
+/// Loads the model and says on stderr what was loaded (loudly, when the weights are random).
+fn load(args: &ModelArgs) -> Result<LoadedModel> {
+    let spec = model_spec(args)?;
+    let start = Instant::now();
+    let fetch = FetchOptions {
+        progress: std::io::stderr().is_terminal(),
+        config_only: false,
+    };
+    let m = model::load(&spec, args.weights_seed, &fetch)?;
+    eprintln!(
+        "model: {} [{} layers, {} wide, {} params] loaded in {:.2} s",
+        m.source,
+        m.weights.config.n_layer,
+        m.weights.config.n_embd,
+        millions(m.weights.config.param_count()),
+        start.elapsed().as_secs_f64()
+    );
+    if m.synthetic {
+        eprintln!(
+            "note: SYNTHETIC weights (random, exact GPT-2 shapes): speed is real, the text is \
+             meaningless. Pass --model gpt2 (or a checkpoint directory) for a trained model."
+        );
+    }
+    Ok(m)
+}
+
+fn millions(n: u64) -> String {
+    format!("{:.1}M", n as f64 / 1e6)
+}
+
+pub fn generate(a: GenerateArgs) -> Result<()> {
+    let mut prompts = a.prompt.clone();
+    if let Some(path) = &a.prompt_file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read prompt file {}", path.display()))?;
+        prompts.extend(
+            text.lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(String::from),
+        );
+    }
+    if prompts.is_empty() {
+        prompts.push(String::new());
+        eprintln!("note: no --prompt given: generating from <|endoftext|> (unconditional text)");
+    }
+    let sampling =
+        if a.greedy || (a.temperature.is_none() && a.top_k.is_none() && a.top_p.is_none()) {
+            SamplingParams {
+                repetition_penalty: a.repetition_penalty,
+                ..SamplingParams::greedy()
+            }
+        } else {
+            SamplingParams {
+                temperature: Some(a.temperature.unwrap_or(1.0)),
+                top_k: a.top_k.unwrap_or(0),
+                top_p: a.top_p.unwrap_or(1.0),
+                repetition_penalty: a.repetition_penalty,
+            }
+        };
+    let seed = a.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
+    });
+    let cfg = GenerationConfig {
+        max_new_tokens: a.max_new_tokens,
+        sampling,
+        seed,
+        num_return_sequences: a.num_return_sequences,
+        stop_at_eos: !a.ignore_eos,
+        stop_strings: a.stop.clone(),
+        truncate_prompt: a.truncate,
+    };
+    cfg.sampling.validate()?;
+
+    let m = load(&a.model)?;
+    let token_prompts: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| m.tokenizer.encode(p))
+        .collect::<gpt2rs::Result<_>>()?;
+    for (p, ids) in prompts.iter().zip(&token_prompts) {
+        let room = m.weights.config.n_positions.saturating_sub(ids.len());
+        if ids.len() <= m.weights.config.n_positions && a.max_new_tokens > room {
+            eprintln!(
+                "note: prompt {:?}… has {} tokens; the context ({}) leaves room for {} new tokens, not {}",
+                p.chars().take(20).collect::<String>(),
+                ids.len(),
+                m.weights.config.n_positions,
+                room,
+                a.max_new_tokens
+            );
+        }
+    }
+    let mut engine = CpuEngine::new(m.weights);
+    eprintln!("engine: {}", engine.describe());
+
+    let streaming = !a.json && prompts.len() * a.num_return_sequences == 1;
+    let stdout = std::io::stdout();
+    if streaming {
+        let mut out = stdout.lock();
+        write!(out, "{}", prompts[0])?;
+        out.flush()?;
+    }
+    let (completions, stats) =
+        generate::generate(&mut engine, &m.tokenizer, &token_prompts, &cfg, &mut |ev| {
+            if streaming {
+                let mut out = stdout.lock();
+                let _ = write!(out, "{}", ev.text);
+                let _ = out.flush();
+            }
+        })?;
+    let mut out = stdout.lock();
+    if streaming {
+        writeln!(out)?;
+    } else {
+        for c in &completions {
+            if a.json {
+                let obj = serde_json::json!({
+                    "prompt_index": c.prompt_index,
+                    "sample_index": c.sample_index,
+                    "prompt": prompts[c.prompt_index],
+                    "text": c.text,
+                    "tokens": c.tokens,
+                    "finish_reason": c.finish_reason.as_str(),
+                });
+                writeln!(out, "{obj}")?;
+            } else {
+                writeln!(
+                    out,
+                    "=== prompt {} sample {} ({}) ===\n{}{}",
+                    c.prompt_index + 1,
+                    c.sample_index + 1,
+                    c.finish_reason.as_str(),
+                    prompts[c.prompt_index],
+                    c.text
+                )?;
+            }
+        }
+    }
+    if a.stats {
+        let seqs = completions.len();
+        eprintln!(
+            "stats: {} prompt tokens in {} sequence(s); time to first token {:.1} ms; prefill {:.1} tok/s; \
+             decode {} tokens in {:.3} s = {:.1} tok/s ({:.2} ms/step){}",
+            stats.prompt_tokens,
+            seqs,
+            stats.time_to_first_token.as_secs_f64() * 1e3,
+            stats.prefill_tokens_per_sec(),
+            stats.decode_tokens,
+            stats.decode_time.as_secs_f64(),
+            stats.decode_tokens_per_sec(),
+            stats.decode_time.as_secs_f64() * 1e3 / stats.decode_steps.max(1) as f64,
+            if cfg.sampling.is_greedy() { String::new() } else { format!("; seed {seed}") }
+        );
+    }
+    Ok(())
+}
+
+pub fn score(a: ScoreArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&a.text_file)
+        .with_context(|| format!("cannot read {}", a.text_file.display()))?;
+    let m = load(&a.model)?;
+    let ids = m.tokenizer.encode(&text)?;
+    let mut engine = CpuEngine::new(m.weights);
+    let start = Instant::now();
+    let report = gpt2rs::score::score(&mut engine, &ids, a.max_length, a.stride)?;
+    let secs = start.elapsed().as_secs_f64();
+    if a.json {
+        let mut obj = serde_json::to_value(&report)?;
+        obj["model"] = m.source.clone().into();
+        obj["synthetic"] = m.synthetic.into();
+        obj["seconds"] = secs.into();
+        println!("{}", serde_json::to_string_pretty(&obj)?);
+    } else {
+        println!(
+            "text:        {} ({} tokens)",
+            a.text_file.display(),
+            report.text_tokens
+        );
+        println!(
+            "protocol:    sliding window of {} tokens, stride {} ({} windows)",
+            report.max_length, report.stride, report.windows
+        );
+        println!("scored:      {} tokens", report.scored_tokens);
+        println!("mean NLL:    {:.6} nats/token", report.mean_nll);
+        println!("perplexity:  {:.4}", report.perplexity);
+        println!("time:        {:.2} s", secs);
+    }
+    Ok(())
+}
+
+pub fn info(a: InfoArgs) -> Result<()> {
+    let spec = model_spec(&a.model)?;
+    let (config, source, stored) = match &spec {
+        ModelSpec::Synthetic { name, config } => (
+            config.clone(),
+            format!("synthetic {name} (random weights)"),
+            None,
+        ),
+        ModelSpec::Dir(dir) => {
+            let ckpt = Checkpoint::open(dir)?;
+            let stored = describe_files(&ckpt);
+            (ckpt.config.clone(), dir.display().to_string(), Some(stored))
+        }
+        ModelSpec::Hub { repo, revision } => {
+            let dir = gpt2rs::hub::fetch(
+                repo,
+                revision,
+                &FetchOptions {
+                    progress: false,
+                    config_only: true,
+                },
+            )?;
+            let config = Gpt2Config::from_file(&dir.join("config.json"))?;
+            (
+                config,
+                format!("{repo}@{revision} ({})", dir.display()),
+                None,
+            )
+        }
+    };
+    let context = a.context.unwrap_or(config.n_positions);
+    if context == 0 || context > config.n_positions {
+        bail!(
+            "--context must be 1 to {} (the model's context)",
+            config.n_positions
+        );
+    }
+    let c = &config;
+    println!("model:        {source}");
+    if let Some(s) = stored {
+        println!("stored:       {s}");
+    }
+    println!(
+        "shape:        {} layers, {} heads of {}, width {}, MLP {}, context {}, vocabulary {}",
+        c.n_layer,
+        c.n_head,
+        c.head_dim(),
+        c.n_embd,
+        c.n_inner,
+        c.n_positions,
+        c.vocab_size
+    );
+    println!(
+        "parameters:   {} ({}; {:?} activation)",
+        millions(c.param_count()),
+        if c.tie_word_embeddings {
+            "LM head tied to the token embedding"
+        } else {
+            "separate LM head"
+        },
+        c.activation
+    );
+    let params = c.param_count() as f64;
+    let kv_tokens = (context * a.batch) as u64;
+    println!(
+        "memory for a context of {context} tokens x {} sequence(s):",
+        a.batch
+    );
+    println!(
+        "  {:<10} {:>12} {:>12} {:>12}  {}",
+        "weights", "weights", "KV cache", "total", "status"
+    );
+    let rows = [
+        ("f32", params * 4.0, 4, "supported"),
+        ("f16/bf16", params * 2.0, 2, "planned, not yet in gpt2rs"),
+        (
+            "int8",
+            params * 1.0 + (c.n_layer * 12 * c.n_embd) as f64 * 2.0,
+            2,
+            "planned, not yet in gpt2rs",
+        ),
+        (
+            "int4 g32",
+            params * (0.5 + 2.0 / 32.0),
+            2,
+            "planned, not yet in gpt2rs",
+        ),
+    ];
+    for (name, weights, kv_bytes, status) in rows {
+        let kv = c.kv_bytes_per_token(kv_bytes) * kv_tokens;
+        println!(
+            "  {:<10} {:>12} {:>12} {:>12}  {}",
+            name,
+            Bytes(weights as u64).to_string(),
+            Bytes(kv).to_string(),
+            Bytes(weights as u64 + kv).to_string(),
+            status
+        );
+    }
+    match memory::available() {
+        Some(b) => println!("available:    {b} of memory on this machine now"),
+        None => println!("available:    unknown on this system"),
+    }
+    Ok(())
+}
+
+fn describe_files(ckpt: &Checkpoint) -> String {
+    let files: Vec<_> = ckpt.files().collect();
+    let bytes: u64 = files
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum();
+    format!(
+        "{} in {} safetensors file(s), {}",
+        ckpt.stored_dtype()
+            .map(|d| format!("{d:?}"))
+            .unwrap_or_else(|| "?".into()),
+        files.len(),
+        Bytes(bytes)
+    )
+}
