@@ -248,3 +248,141 @@ fn find_weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         hint,
     })
 }
+
+/// Writes `weights` as a Hugging Face GPT-2 checkpoint (config.json + model.safetensors, names
+/// with the `transformer.` prefix, Conv1D weights `[in, out]`), stored as `dtype`.
+/// Used to make test checkpoints and to save synthetic models for other tools.
+pub fn write_hf_checkpoint(
+    weights: &crate::weights::ModelWeights,
+    dir: &Path,
+    dtype: StoredDtype,
+) -> Result<()> {
+    use crate::weights::Matrix;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let cfg = &weights.config;
+    let encode = |values: &[f32]| -> Vec<u8> {
+        match dtype {
+            StoredDtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            StoredDtype::F16 => values
+                .iter()
+                .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                .collect(),
+            StoredDtype::BF16 => values
+                .iter()
+                .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                .collect(),
+        }
+    };
+    let transposed = |m: &Matrix| -> Vec<f32> {
+        let mut out = vec![0f32; m.data.len()];
+        for r in 0..m.rows {
+            for c in 0..m.cols {
+                out[c * m.rows + r] = m.data[r * m.cols + c];
+            }
+        }
+        out
+    };
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut put = |name: String, shape: Vec<usize>, values: &[f32]| {
+        tensors.push((name, shape, encode(values)));
+    };
+    put(
+        "transformer.wte.weight".into(),
+        vec![weights.wte.rows, weights.wte.cols],
+        &weights.wte.data,
+    );
+    put(
+        "transformer.wpe.weight".into(),
+        vec![weights.wpe.rows, weights.wpe.cols],
+        &weights.wpe.data,
+    );
+    for (i, l) in weights.layers.iter().enumerate() {
+        let p = format!("transformer.h.{i}");
+        for (name, norm) in [("ln_1", &l.ln_1), ("ln_2", &l.ln_2)] {
+            put(
+                format!("{p}.{name}.weight"),
+                vec![norm.gamma.len()],
+                &norm.gamma,
+            );
+            put(
+                format!("{p}.{name}.bias"),
+                vec![norm.beta.len()],
+                &norm.beta,
+            );
+        }
+        for (name, lin) in [
+            ("attn.c_attn", &l.qkv),
+            ("attn.c_proj", &l.attn_out),
+            ("mlp.c_fc", &l.mlp_in),
+            ("mlp.c_proj", &l.mlp_out),
+        ] {
+            put(
+                format!("{p}.{name}.weight"),
+                vec![lin.w.cols, lin.w.rows],
+                &transposed(&lin.w),
+            );
+            put(format!("{p}.{name}.bias"), vec![lin.b.len()], &lin.b);
+        }
+    }
+    put(
+        "transformer.ln_f.weight".into(),
+        vec![cfg.n_embd],
+        &weights.ln_f.gamma,
+    );
+    put(
+        "transformer.ln_f.bias".into(),
+        vec![cfg.n_embd],
+        &weights.ln_f.beta,
+    );
+    if let Some(head) = &weights.lm_head {
+        put(
+            "lm_head.weight".into(),
+            vec![head.rows, head.cols],
+            &head.data,
+        );
+    }
+    let st_dtype = match dtype {
+        StoredDtype::F32 => Dtype::F32,
+        StoredDtype::F16 => Dtype::F16,
+        StoredDtype::BF16 => Dtype::BF16,
+    };
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, s, b)| {
+            let view = safetensors::tensor::TensorView::new(st_dtype, s.clone(), b)
+                .expect("shape matches data");
+            (n.clone(), view)
+        })
+        .collect();
+    let path = dir.join("model.safetensors");
+    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(views, Some(meta), &path).map_err(|e| Error::BadCheckpoint {
+        path: path.clone(),
+        reason: format!("cannot write: {e}"),
+    })?;
+    let act = match cfg.activation {
+        crate::config::Activation::GeluTanh => "gelu_new",
+        crate::config::Activation::GeluErf => "gelu",
+        crate::config::Activation::Relu => "relu",
+    };
+    let config = serde_json::json!({
+        "model_type": "gpt2",
+        "architectures": ["GPT2LMHeadModel"],
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.n_positions,
+        "n_embd": cfg.n_embd,
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "n_inner": cfg.n_inner,
+        "activation_function": act,
+        "layer_norm_epsilon": cfg.layer_norm_epsilon,
+        "scale_attn_weights": cfg.scale_attn_weights,
+        "scale_attn_by_inverse_layer_idx": cfg.scale_attn_by_inverse_layer_idx,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+    });
+    let cpath = dir.join("config.json");
+    std::fs::write(&cpath, serde_json::to_string_pretty(&config).expect("json"))
+        .map_err(|e| Error::io(&cpath, e))
+}

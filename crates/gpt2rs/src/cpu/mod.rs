@@ -4,6 +4,7 @@
 mod attention;
 mod kv_cache;
 pub mod matmul;
+pub mod roofline;
 pub mod simd;
 
 use crate::config::{Activation, Gpt2Config};

@@ -147,6 +147,16 @@ pub fn dot4(x: &[f32], w: [&[f32]; 4]) -> [f32; 4] {
     dot4_impl::<NATIVE_FMA>(x, w)
 }
 
+/// Σ x (for bandwidth probes: eight independent lanes, so it runs at memory speed).
+pub fn sum(x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: AVX2 and FMA are present.
+        return unsafe { x86::sum(x) };
+    }
+    x.iter().sum()
+}
+
 /// Hand-written AVX2 versions of the hottest kernels: the compiler's automatic vectorization
 /// of the portable loops shuffles lanes needlessly for these.
 #[cfg(target_arch = "x86_64")]
@@ -193,6 +203,26 @@ mod x86 {
             i += 1;
         }
         s
+    }
+
+    /// Σ x with eight accumulators.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn sum(x: &[f32]) -> f32 {
+        let n = x.len();
+        let p = x.as_ptr();
+        let mut acc = [_mm256_setzero_ps(); 8];
+        let mut i = 0;
+        while i + 64 <= n {
+            for (u, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm256_add_ps(*acc, _mm256_loadu_ps(p.add(i + 8 * u)));
+            }
+            i += 64;
+        }
+        let mut total = _mm256_setzero_ps();
+        for a in acc {
+            total = _mm256_add_ps(total, a);
+        }
+        hsum(total) + x[i..].iter().sum::<f32>()
     }
 
     /// Four dot products sharing the loads of `x`; each row has `x.len()` elements.
