@@ -282,8 +282,8 @@ pub fn info(a: InfoArgs) -> Result<()> {
         a.batch
     );
     println!(
-        "  {:<10} {:>12} {:>12} {:>12}  {}",
-        "weights", "weights", "KV cache", "total", "status"
+        "  {:<10} {:>12} {:>12} {:>12}  status",
+        "precision", "weights", "KV cache", "total"
     );
     let rows = [
         ("f32", params * 4.0, 4, "supported"),

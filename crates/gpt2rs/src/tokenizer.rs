@@ -47,7 +47,7 @@ impl Tokenizer {
         let token_bytes = (0..n as u32)
             .map(|id| match inner.id_to_token(id) {
                 Some(tok) => {
-                    let mapped: Option<Vec<u8>> = tok.chars().map(|ch| byte_of_char(ch)).collect();
+                    let mapped: Option<Vec<u8>> = tok.chars().map(&byte_of_char).collect();
                     // Tokens outside the byte-level alphabet (added tokens) stand for their text.
                     mapped.unwrap_or_else(|| tok.into_bytes())
                 }

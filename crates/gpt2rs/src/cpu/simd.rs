@@ -338,7 +338,7 @@ dispatch! {
 
 #[inline(always)]
 fn gelu_tanh_impl<const FMA: bool>(x: &mut [f32]) {
-    const K: f32 = 0.797_884_56; // sqrt(2/pi)
+    const K: f32 = 0.797_884_6; // sqrt(2/pi)
     for v in x.iter_mut() {
         let u = K * madd::<FMA>(0.044_715 * *v * *v, *v, *v);
         // tanh(u) = 1 - 2 / (e^{2u} + 1)
