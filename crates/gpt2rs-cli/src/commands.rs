@@ -208,6 +208,10 @@ pub fn score(a: ScoreArgs) -> Result<()> {
         println!("scored:      {} tokens", report.scored_tokens);
         println!("mean NLL:    {:.6} nats/token", report.mean_nll);
         println!("perplexity:  {:.4}", report.perplexity);
+        println!(
+            "             ({:.4} as the perplexity guide's code weights windows)",
+            report.guide_perplexity
+        );
         println!("time:        {:.2} s", secs);
     }
     Ok(())

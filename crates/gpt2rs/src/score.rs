@@ -30,6 +30,11 @@ pub struct ScoreReport {
     /// Mean negative log-likelihood, nats per token.
     pub mean_nll: f64,
     pub perplexity: f64,
+    /// The number the guide's code prints: it weights each window's mean loss by its count of
+    /// target labels minus one, which undercounts every window after the first by one token.
+    /// Slightly different from `perplexity` (which weights every scored token once); given so
+    /// results can be checked against the guide.
+    pub guide_perplexity: f64,
     pub token_logprobs: Vec<TokenLogprob>,
 }
 
@@ -61,6 +66,8 @@ pub fn score(
     }
     let mut token_logprobs = Vec::with_capacity(ids.len() - 1);
     let mut windows = 0;
+    // The guide's bookkeeping: Σ mean_loss × (labels − 1) and Σ (labels − 1).
+    let (mut guide_nll, mut guide_tokens) = (0f64, 0usize);
     let mut prev_end = 0;
     let mut begin = 0;
     while begin < ids.len() {
@@ -76,6 +83,7 @@ pub fn score(
         engine.remove_sequence(seq);
         let logits = result?;
         let rows: Vec<&[f32]> = logits.entry(0).collect();
+        let window_start = token_logprobs.len();
         for pos in first_target..end {
             let row = rows[pos - 1 - begin];
             token_logprobs.push(TokenLogprob {
@@ -83,6 +91,13 @@ pub fn score(
                 token: ids[pos],
                 logprob: log_softmax_at(row, ids[pos] as usize),
             });
+        }
+        let scored = &token_logprobs[window_start..];
+        if !scored.is_empty() {
+            let mean = -scored.iter().map(|t| t.logprob).sum::<f64>() / scored.len() as f64;
+            let labels_minus_one = end - prev_end - 1;
+            guide_nll += mean * labels_minus_one as f64;
+            guide_tokens += labels_minus_one;
         }
         windows += 1;
         prev_end = end;
@@ -101,6 +116,7 @@ pub fn score(
         windows,
         mean_nll,
         perplexity: mean_nll.exp(),
+        guide_perplexity: (guide_nll / guide_tokens.max(1) as f64).exp(),
         token_logprobs,
     })
 }

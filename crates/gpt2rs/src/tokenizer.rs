@@ -139,6 +139,26 @@ mod tests {
     }
 
     #[test]
+    fn a_checkpoints_own_tokenizer_wins() {
+        let dir = std::env::temp_dir().join(format!("gpt2rs-tok-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert_eq!(Tokenizer::for_checkpoint(&dir).unwrap().vocab_size(), 50257);
+        let own = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],
+            "normalizer":null,"pre_tokenizer":null,"post_processor":null,"decoder":null,
+            "model":{"type":"BPE","dropout":null,"unk_token":null,"continuing_subword_prefix":null,
+            "end_of_word_suffix":null,"fuse_unk":false,"byte_fallback":false,
+            "vocab":{"a":0,"b":1,"ab":2},"merges":["a b"]}}"#;
+        std::fs::write(dir.join("tokenizer.json"), own).unwrap();
+        let t = Tokenizer::for_checkpoint(&dir).unwrap();
+        assert_eq!(t.vocab_size(), 3);
+        assert_eq!(t.encode("abab").unwrap(), vec![2, 2]);
+        assert_eq!(t.decode(&[2, 0]), "aba");
+        std::fs::write(dir.join("tokenizer.json"), "{broken").unwrap();
+        assert!(Tokenizer::for_checkpoint(&dir).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn bytes_round_trip_through_split_characters() {
         let t = Tokenizer::gpt2();
         let text = "naïve café 🦀 日本語 <|endoftext|> done";

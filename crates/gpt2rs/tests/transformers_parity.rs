@@ -165,6 +165,24 @@ fn greedy_continuations_match_alone_and_in_mixed_length_batches() {
             prompts.push(prompt);
             wants.push(want);
         }
+        // A continuation that ends with the end-of-text token stops there, as in transformers.
+        if let Some(case) = f.expected.get("greedy_eos") {
+            let n = case["max_new_tokens"].as_u64().unwrap() as usize;
+            let (out, _) = generate(
+                &mut f.engine,
+                &tok,
+                &[ids(&case["prompt"])],
+                &greedy_config(n),
+                &mut |_| {},
+            )
+            .unwrap();
+            assert_eq!(
+                out[0].tokens,
+                ids(&case["output"]),
+                "{name}: greedy stopping at eos"
+            );
+            assert_eq!(out[0].finish_reason, gpt2rs::generate::FinishReason::Eos);
+        }
         // All prompts together: each must get exactly the tokens it gets alone.
         let batch = &f.expected["batched_greedy"];
         let n = batch["max_new_tokens"].as_u64().unwrap() as usize;
@@ -213,22 +231,21 @@ fn sliding_window_perplexity_matches_transformers() {
             let stride = case["stride"].as_u64().unwrap() as usize;
             let r = gpt2rs::score::score(&mut f.engine, &tokens, Some(max_length), Some(stride))
                 .unwrap();
-            assert_eq!(
-                r.scored_tokens as u64,
-                case["n_tokens"].as_u64().unwrap(),
-                "{name} stride {stride}"
-            );
-            let want = case["mean_nll"].as_f64().unwrap();
+            // Every token scored once (transformers' per-token losses, averaged exactly)…
+            let n_scored = case["n_scored_tokens"].as_u64().unwrap();
+            assert_eq!(r.scored_tokens as u64, n_scored, "{name} stride {stride}");
+            let want = case["scored_mean_nll"].as_f64().unwrap();
             assert!(
                 (r.mean_nll - want).abs() < 1e-5 * want.abs().max(1.0),
                 "{name} stride {stride}: mean NLL {} vs transformers {want}",
                 r.mean_nll
             );
-            let ppl = case["ppl"].as_f64().unwrap();
+            // …and the number the guide's own code prints.
+            let guide = case["ppl"].as_f64().unwrap();
             assert!(
-                (r.perplexity - ppl).abs() < 1e-4 * ppl,
-                "{name}: ppl {} vs {ppl}",
-                r.perplexity
+                (r.guide_perplexity - guide).abs() < 1e-4 * guide,
+                "{name} stride {stride}: guide perplexity {} vs {guide}",
+                r.guide_perplexity
             );
             if let Some(lps) = case.get("token_logprobs") {
                 let lps: Vec<f64> = lps

@@ -54,30 +54,17 @@ fn streaming(x: &[f32], rows: usize, w: &Matrix, bias: Option<&[f32]>, out: &mut
     (0..n.div_ceil(block)).into_par_iter().for_each(|b| {
         let (j0, j1) = (b * block, ((b + 1) * block).min(n));
         let out = out_ptr.get();
-        let mut j = j0;
-        if rows == 1 {
-            // One input row: walk the weight rows in order, a single sequential stream.
-            for j in j0..j1 {
-                let v = simd::dot(x, w.row(j)) + bias.map_or(0.0, |b| b[j]);
-                // SAFETY: j is inside `out` and written by this task alone.
-                unsafe { *out.add(j) = v };
+        // Walk the weight rows in order (one sequential stream) and take each one's dot
+        // product with every input row, which all stay in L1.
+        let xs: Vec<&[f32]> = x.chunks_exact(k).collect();
+        let mut dots = [0f32; STREAMING_MAX_ROWS];
+        for j in j0..j1 {
+            simd::dot_rows(&xs, w.row(j), &mut dots);
+            let b = bias.map_or(0.0, |b| b[j]);
+            for (t, d) in dots[..rows].iter().enumerate() {
+                // SAFETY: (t, j) is inside `out` and written by this task alone.
+                unsafe { *out.add(t * n + j) = d + b };
             }
-            return;
-        }
-        while j < j1 {
-            let m = (j1 - j).min(4);
-            // Fewer than four rows left: repeat the last one (its results are dropped).
-            let r = |i: usize| w.row(j + i.min(m - 1));
-            let wr = [r(0), r(1), r(2), r(3)];
-            for t in 0..rows {
-                let d = simd::dot4(&x[t * k..(t + 1) * k], wr);
-                for i in 0..m {
-                    let v = d[i] + bias.map_or(0.0, |b| b[j + i]);
-                    // SAFETY: (t, j + i) is inside `out` and written by this task alone.
-                    unsafe { *out.add(t * n + j + i) = v };
-                }
-            }
-            j += m;
         }
     });
 }

@@ -102,49 +102,32 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     dot_impl::<NATIVE_FMA>(a, b)
 }
 
-#[inline(always)]
-fn lanes(c: &[f32]) -> &[f32; LANES] {
-    c.try_into().expect("chunk of LANES")
-}
-
-#[inline(always)]
-fn dot4_impl<const FMA: bool>(x: &[f32], w: [&[f32]; 4]) -> [f32; 4] {
-    let n = x.len();
-    let mut acc = [[0f32; LANES]; 4];
-    let xs = x.chunks_exact(LANES);
-    let tail = xs.remainder().len();
-    let rows = w.map(|r| r.chunks_exact(LANES));
-    let [r0, r1, r2, r3] = rows;
-    for ((((xc, c0), c1), c2), c3) in xs.zip(r0).zip(r1).zip(r2).zip(r3) {
-        let xc = lanes(xc);
-        let cs = [lanes(c0), lanes(c1), lanes(c2), lanes(c3)];
-        for r in 0..4 {
-            for l in 0..LANES {
-                acc[r][l] = madd::<FMA>(xc[l], cs[r][l], acc[r][l]);
-            }
-        }
-    }
-    let mut out = [0f32; 4];
-    for r in 0..4 {
-        let mut s = hsum(acc[r]);
-        for j in n - tail..n {
-            s = madd::<FMA>(x[j], w[r][j], s);
-        }
-        out[r] = s;
-    }
-    out
-}
-
-/// Four dot products of `x` with four rows (each at least `x.len()` long), sharing the loads of `x`.
-pub fn dot4(x: &[f32], w: [&[f32]; 4]) -> [f32; 4] {
-    let n = x.len();
-    let w = w.map(|r| &r[..n]);
+/// `out[t] = x[t] · w` for up to 8 input rows against one weight row, reading `w` once
+/// (a single sequential stream, as in batch-1 decode). Every `x[t]` has `w.len()` elements.
+pub fn dot_rows(x: &[&[f32]], w: &[f32], out: &mut [f32]) {
+    assert!(x.len() <= 8 && out.len() >= x.len());
+    assert!(x.iter().all(|r| r.len() == w.len()));
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
-        // SAFETY: AVX2 and FMA are present; every row holds n elements.
-        return unsafe { x86::dot4(x, w) };
+        // SAFETY: AVX2 and FMA are present; lengths checked above.
+        unsafe {
+            match x.len() {
+                1 => out[0] = x86::dot(x[0], w),
+                2 => x86::dot_rows::<2>(x, w, out),
+                3 => x86::dot_rows::<3>(x, w, out),
+                4 => x86::dot_rows::<4>(x, w, out),
+                5 => x86::dot_rows::<5>(x, w, out),
+                6 => x86::dot_rows::<6>(x, w, out),
+                7 => x86::dot_rows::<7>(x, w, out),
+                8 => x86::dot_rows::<8>(x, w, out),
+                _ => {}
+            }
+        }
+        return;
     }
-    dot4_impl::<NATIVE_FMA>(x, w)
+    for (o, r) in out.iter_mut().zip(x) {
+        *o = dot_impl::<NATIVE_FMA>(r, w);
+    }
 }
 
 /// Σ x (for bandwidth probes: eight independent lanes, so it runs at memory speed).
@@ -205,6 +188,30 @@ mod x86 {
         s
     }
 
+    /// `out[t] = x[t] · w` for exactly `N` rows, one accumulator per row.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_rows<const N: usize>(x: &[&[f32]], w: &[f32], out: &mut [f32]) {
+        let n = w.len();
+        let pw = w.as_ptr();
+        let px: [*const f32; N] = std::array::from_fn(|t| x[t].as_ptr());
+        let mut acc = [_mm256_setzero_ps(); N];
+        let mut i = 0;
+        while i + 8 <= n {
+            let wv = _mm256_loadu_ps(pw.add(i));
+            for t in 0..N {
+                acc[t] = _mm256_fmadd_ps(_mm256_loadu_ps(px[t].add(i)), wv, acc[t]);
+            }
+            i += 8;
+        }
+        for t in 0..N {
+            let mut s = hsum(acc[t]);
+            for j in i..n {
+                s = (*px[t].add(j)).mul_add(*pw.add(j), s);
+            }
+            out[t] = s;
+        }
+    }
+
     /// Σ x with eight accumulators.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn sum(x: &[f32]) -> f32 {
@@ -223,43 +230,6 @@ mod x86 {
             total = _mm256_add_ps(total, a);
         }
         hsum(total) + x[i..].iter().sum::<f32>()
-    }
-
-    /// Four dot products sharing the loads of `x`; each row has `x.len()` elements.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot4(x: &[f32], w: [&[f32]; 4]) -> [f32; 4] {
-        let n = x.len();
-        let px = x.as_ptr();
-        let pw = w.map(|r| r.as_ptr());
-        // Two accumulators per row so consecutive FMAs do not wait on each other.
-        let mut acc = [_mm256_setzero_ps(); 8];
-        let mut i = 0;
-        while i + 16 <= n {
-            let x0 = _mm256_loadu_ps(px.add(i));
-            let x1 = _mm256_loadu_ps(px.add(i + 8));
-            for r in 0..4 {
-                acc[2 * r] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(pw[r].add(i)), acc[2 * r]);
-                acc[2 * r + 1] =
-                    _mm256_fmadd_ps(x1, _mm256_loadu_ps(pw[r].add(i + 8)), acc[2 * r + 1]);
-            }
-            i += 16;
-        }
-        if i + 8 <= n {
-            let x0 = _mm256_loadu_ps(px.add(i));
-            for r in 0..4 {
-                acc[2 * r] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(pw[r].add(i)), acc[2 * r]);
-            }
-            i += 8;
-        }
-        let mut out = [0f32; 4];
-        for r in 0..4 {
-            let mut s = hsum(_mm256_add_ps(acc[2 * r], acc[2 * r + 1]));
-            for j in i..n {
-                s = (*px.add(j)).mul_add(*pw[r].add(j), s);
-            }
-            out[r] = s;
-        }
-        out
     }
 }
 
@@ -440,7 +410,7 @@ mod tests {
     fn dot_kernels_match_f64_reference_on_awkward_lengths() {
         for n in [1, 7, 15, 16, 17, 63, 769, 1600, 6400] {
             let a = rand_vec(n, 1);
-            let rows: Vec<Vec<f32>> = (0..4).map(|r| rand_vec(n, 10 + r)).collect();
+            let rows: Vec<Vec<f32>> = (0..8).map(|r| rand_vec(n, 10 + r)).collect();
             let exact = |w: &[f32]| {
                 a.iter()
                     .zip(w)
@@ -452,12 +422,14 @@ mod tests {
                 (dot(&a, &rows[0]) as f64 - exact(&rows[0])).abs() < tol,
                 "dot n={n}"
             );
-            let d4 = dot4(&a, [&rows[0], &rows[1], &rows[2], &rows[3]]);
-            for r in 0..4 {
-                assert!(
-                    (d4[r] as f64 - exact(&rows[r])).abs() < tol,
-                    "dot4 n={n} r={r}"
-                );
+            for m in 1..=8 {
+                let xs: Vec<&[f32]> = rows.iter().take(m).map(Vec::as_slice).collect();
+                let mut out = [0f32; 8];
+                dot_rows(&xs, &a, &mut out);
+                for r in 0..m {
+                    let err = (out[r] as f64 - exact(&rows[r])).abs();
+                    assert!(err < tol, "dot_rows n={n} m={m} r={r}");
+                }
             }
         }
     }
