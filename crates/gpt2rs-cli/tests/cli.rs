@@ -1,0 +1,291 @@
+//! The `gpt2rs` program end to end on the `full-vocab` fixture (GPT-2's vocabulary, random
+//! weights made by transformers): outputs, options, and errors that say what to do.
+
+use serde_json::Value;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn model() -> String {
+    fixtures().join("models/full-vocab").display().to_string()
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_gpt2rs"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn fails(args: &[&str], needle: &str) {
+    let out = run(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{args:?} should fail cleanly: {err}"
+    );
+    assert!(
+        err.contains(needle),
+        "{args:?}: {err:?} should mention {needle:?}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+fn json_lines(s: &str) -> Vec<Value> {
+    s.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn expected() -> Value {
+    serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("expected/full-vocab.json")).unwrap(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn greedy_text_matches_transformers_and_streams_the_prompt_first() {
+    let m = model();
+    for case in expected()["greedy"].as_array().unwrap() {
+        let prompt = case["prompt_text"].as_str().unwrap();
+        let out = ok(&["generate", "-m", &m, "-p", prompt, "-n", "20", "--json"]);
+        let got = &json_lines(&out)[0];
+        assert_eq!(got["tokens"], case["output"], "greedy from {prompt:?}");
+        let plain = ok(&["generate", "-m", &m, "-p", prompt, "-n", "20"]);
+        assert_eq!(
+            plain,
+            format!("{prompt}{}\n", got["text"].as_str().unwrap())
+        );
+    }
+}
+
+#[test]
+fn batched_prompts_each_get_their_own_greedy_tokens() {
+    let m = model();
+    let cases = expected()["greedy"].as_array().unwrap().clone();
+    let mut args = vec!["generate", "-m", &m, "-n", "20", "--json"];
+    for c in &cases {
+        args.extend(["-p", c["prompt_text"].as_str().unwrap()]);
+    }
+    let lines = json_lines(&ok(&args));
+    assert_eq!(lines.len(), cases.len());
+    for (line, case) in lines.iter().zip(&cases) {
+        assert_eq!(line["tokens"], case["output"]);
+    }
+}
+
+#[test]
+fn sampling_is_reproducible_with_a_seed() {
+    let m = model();
+    let args = |seed: &'static str| {
+        vec![
+            "generate",
+            "-m",
+            m.as_str(),
+            "-p",
+            "Once upon a time",
+            "-n",
+            "24",
+            "--temperature",
+            "1.2",
+            "--top-k",
+            "50",
+            "--top-p",
+            "0.95",
+            "--num-return-sequences",
+            "3",
+            "--seed",
+            seed,
+            "--json",
+        ]
+    };
+    let a = json_lines(&ok(&args("7")));
+    assert_eq!(a.len(), 3);
+    assert_eq!(a, json_lines(&ok(&args("7"))));
+    assert_ne!(a, json_lines(&ok(&args("8"))));
+    assert!(
+        a.iter().any(|x| x["tokens"] != a[0]["tokens"]),
+        "three samples should not all be equal"
+    );
+}
+
+#[test]
+fn stop_strings_cut_the_text() {
+    let m = model();
+    let full = &json_lines(&ok(&[
+        "generate",
+        "-m",
+        &m,
+        "-p",
+        "The capital of France is",
+        "-n",
+        "30",
+        "--json",
+    ]))[0];
+    let text = full["text"].as_str().unwrap();
+    // Stop at the second word-sized piece of the greedy text.
+    let stop: String = text
+        .chars()
+        .skip(text.chars().count() / 2)
+        .take(3)
+        .collect();
+    let at = text.find(&stop).unwrap();
+    let cut = &json_lines(&ok(&[
+        "generate",
+        "-m",
+        &m,
+        "-p",
+        "The capital of France is",
+        "-n",
+        "30",
+        "--stop",
+        &stop,
+        "--json",
+    ]))[0];
+    assert_eq!(cut["text"].as_str().unwrap(), &text[..at]);
+    assert_eq!(cut["finish_reason"], "stop");
+}
+
+#[test]
+fn long_prompts_fail_clearly_or_truncate() {
+    let m = model();
+    let long = "word ".repeat(300); // 300 tokens; the fixture's context is 256
+    fails(
+        &["generate", "-m", &m, "-p", &long, "-n", "3"],
+        "--truncate",
+    );
+    let out = &json_lines(&ok(&[
+        "generate",
+        "-m",
+        &m,
+        "-p",
+        &long,
+        "-n",
+        "3",
+        "--truncate",
+        "--json",
+    ]))[0];
+    // 256 prompt tokens leave no room: the context is full, so nothing more can be generated.
+    assert!(out["tokens"].as_array().unwrap().len() <= 1);
+}
+
+#[test]
+fn score_matches_transformers_perplexity() {
+    let m = model();
+    let text = fixtures().join("text/sample.txt").display().to_string();
+    for case in expected()["perplexity"].as_array().unwrap() {
+        let stride = case["stride"].to_string();
+        let out: Value = serde_json::from_str(&ok(&[
+            "score",
+            "-m",
+            &m,
+            "--text-file",
+            &text,
+            "--stride",
+            &stride,
+            "--json",
+        ]))
+        .unwrap();
+        let want = case["scored_mean_nll"].as_f64().unwrap();
+        let got = out["mean_nll"].as_f64().unwrap();
+        assert!(
+            (got - want).abs() < 1e-4,
+            "stride {stride}: {got} vs {want}"
+        );
+        assert_eq!(out["scored_tokens"], case["n_scored_tokens"]);
+        assert_eq!(
+            out["token_logprobs"].as_array().unwrap().len() as u64,
+            case["n_scored_tokens"].as_u64().unwrap()
+        );
+    }
+    let plain = ok(&["score", "-m", &m, "--text-file", &text]);
+    assert!(plain.contains("perplexity:"), "{plain}");
+}
+
+#[test]
+fn info_describes_checkpoints_and_synthetic_presets() {
+    let out = ok(&["info", "-m", &model()]);
+    assert!(out.contains("F16") && out.contains("2 layers"), "{out}");
+    let out = ok(&["info", "--synthetic", "gpt2-xl", "--batch", "4"]);
+    assert!(out.contains("1557.6M") && out.contains("25 heads"), "{out}");
+}
+
+#[test]
+fn bad_input_gets_clear_errors() {
+    let m = model();
+    fails(&["generate", "-m", "./no/such/dir", "-p", "x"], "not found");
+    fails(
+        &["generate", "-m", "not-a-model", "-p", "x"],
+        "unknown model",
+    );
+    fails(
+        &["generate", "-m", &m, "-p", "x", "--top-p", "1.5"],
+        "top_p",
+    );
+    fails(
+        &["generate", "-m", &m, "-p", "x", "--temperature", "0"],
+        "temperature",
+    );
+    fails(
+        &[
+            "generate",
+            "-m",
+            &m,
+            "-p",
+            "x",
+            "--num-return-sequences",
+            "2",
+        ],
+        "sampling",
+    );
+    fails(
+        &["score", "-m", &m, "--text-file", "/no/such/file"],
+        "cannot read",
+    );
+    fails(
+        &[
+            "score",
+            "-m",
+            &m,
+            "--text-file",
+            &fixtures().join("text/sample.txt").display().to_string(),
+            "--stride",
+            "0",
+        ],
+        "stride",
+    );
+    fails(
+        &["info", "--synthetic", "gpt2", "--context", "5000"],
+        "--context",
+    );
+}
+
+#[test]
+fn synthetic_weights_are_labelled() {
+    let out = run(&[
+        "generate",
+        "--synthetic",
+        "distilgpt2",
+        "-p",
+        "Hi",
+        "-n",
+        "2",
+    ]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("SYNTHETIC"));
+}
