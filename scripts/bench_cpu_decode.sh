@@ -10,10 +10,10 @@ bin=target/release/gpt2rs
 bytes=$($bin info --synthetic "$model" | awk '/parameters:/ {print $2}' | tr -d M)
 echo "model $model (${bytes}M params), $threads threads, prompt 5 tokens, 128 new tokens, greedy, f32"
 for r in $(seq "$rounds"); do
-  bw=$(RAYON_NUM_THREADS=$threads target/release/examples/membw | awk '{print $3}' | sort -n | tail -1)
+  bw=$(RAYON_NUM_THREADS=$threads target/release/examples/membw | awk "/read bandwidth/ {print \$3}" | sort -n | tail -1)
   ours=$($bin --threads "$threads" generate --synthetic "$model" --prompt "Hello, my name is" -n 128 \
            --ignore-eos --stats 2>&1 >/dev/null | sed -n 's/.*= \([0-9.]*\) tok\/s.*/\1/p')
-  theirs=$(python3 scripts/bench_transformers_cpu.py --model "$model" --threads "$threads" --reps 1 \
+  theirs=$(python3 scripts/bench_transformers.py --model "$model" --threads "$threads" --reps 1 --prompt-len 5 \
            | python3 -c 'import json,sys; print(json.load(sys.stdin)["decode_tok_s"])')
   python3 - "$bw" "$ours" "$theirs" "$model" <<'PY'
 import sys

@@ -26,6 +26,9 @@ pub enum Command {
     Score(ScoreArgs),
     /// Show a model's configuration, size and memory needs.
     Info(InfoArgs),
+    /// Measure prefill and decode speed across models, precisions and batch sizes, held
+    /// against this machine's memory bandwidth and FLOP/s.
+    Bench(BenchArgs),
 }
 
 /// Which model to load.
@@ -122,4 +125,53 @@ pub struct InfoArgs {
     /// Sequences for the KV-cache estimate.
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Models, comma-separated (default: gpt2,gpt2-medium,gpt2-large,gpt2-xl). Presets use real
+    /// weights when the hub cache has them, synthetic ones of the exact shape otherwise; local
+    /// directories, cached hub repositories and synthetic:CONFIG.json also work. Never downloads.
+    #[arg(long, value_delimiter = ',')]
+    pub models: Vec<String>,
+    /// Weight precisions, comma-separated: f32, f16, bf16, int8, int4 (default: every one the
+    /// engine has; the others are listed as not implemented).
+    #[arg(long, value_delimiter = ',')]
+    pub dtypes: Vec<String>,
+    /// Batch sizes, comma-separated (default 1; --full: 1,8,32).
+    #[arg(long, value_delimiter = ',')]
+    pub batch: Vec<usize>,
+    /// Prompt lengths in tokens, comma-separated (default 32; --full: 32,128,512).
+    #[arg(long, value_delimiter = ',')]
+    pub prompt_len: Vec<usize>,
+    /// Tokens generated per sequence (default 16; --full: 64).
+    #[arg(long)]
+    pub new_tokens: Option<usize>,
+    /// Measured runs per configuration, after one warm-up run.
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
+    /// Backend: cpu (the only one in this build).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Everything: all models (distilgpt2 too), batches 1,8,32, prompts 32,128,512, 64 new tokens.
+    #[arg(long)]
+    pub full: bool,
+    /// Run the same configurations through another engine: `transformers`.
+    #[arg(long, value_name = "ENGINE")]
+    pub compare: Option<String>,
+    /// Python interpreter with torch and transformers, for --compare.
+    #[arg(long)]
+    pub python: Option<String>,
+    /// Print JSON instead of the table.
+    #[arg(long, conflicts_with_all = ["csv", "markdown"])]
+    pub json: bool,
+    /// Print CSV instead of the table.
+    #[arg(long, conflicts_with = "markdown")]
+    pub csv: bool,
+    /// Print a Markdown report instead of the table.
+    #[arg(long)]
+    pub markdown: bool,
+    /// Also draw decode tok/s against model size with the roofline (.svg or .png).
+    #[arg(long, value_name = "FILE")]
+    pub plot: Option<PathBuf>,
 }

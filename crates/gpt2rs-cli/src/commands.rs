@@ -339,3 +339,156 @@ fn describe_files(ckpt: &Checkpoint) -> String {
         Bytes(bytes)
     )
 }
+
+pub fn bench(a: crate::args::BenchArgs) -> Result<()> {
+    use crate::bench::{hardware, plot, report, sweep, types};
+    if a.device != "cpu" {
+        bail!(
+            "device '{}' is not available: this build of gpt2rs has only the cpu backend \
+             (the CUDA backend is not written yet)",
+            a.device
+        );
+    }
+    if let Some(engine) = &a.compare {
+        if engine != "transformers" {
+            bail!("--compare knows only 'transformers', got '{engine}'");
+        }
+    }
+    for d in &a.dtypes {
+        if !sweep::DTYPES.contains(&d.as_str()) {
+            bail!("unknown dtype '{d}': use {}", sweep::DTYPES.join(", "));
+        }
+    }
+    if a.reps == 0 || a.batch.contains(&0) {
+        bail!("--reps and --batch must be at least 1");
+    }
+    if let Some(path) = &a.plot {
+        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+        if !matches!(ext, "svg" | "png") {
+            bail!("--plot writes .svg or .png files, not '{}'", path.display());
+        }
+    }
+    let or = |v: &Vec<usize>, quick: &[usize], full: &[usize]| {
+        if !v.is_empty() {
+            v.clone()
+        } else if a.full {
+            full.to_vec()
+        } else {
+            quick.to_vec()
+        }
+    };
+    let models = if !a.models.is_empty() {
+        a.models.clone()
+    } else {
+        let mut m: Vec<String> = ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"]
+            .map(String::from)
+            .to_vec();
+        if a.full {
+            m.insert(0, "distilgpt2".into());
+        }
+        m
+    };
+    let models = models
+        .iter()
+        .map(|m| sweep::resolve(m).map_err(|e| anyhow::anyhow!("--models {m}: {e}")))
+        .collect::<Result<Vec<_>>>()?;
+    let compare = match &a.compare {
+        Some(_) => Some(
+            crate::bench::compare::Transformers::find(a.python.as_deref())
+                .map_err(anyhow::Error::msg)?,
+        ),
+        None => None,
+    };
+    let plan = sweep::Plan {
+        models,
+        dtypes: if a.dtypes.is_empty() {
+            sweep::SUPPORTED.iter().map(|s| s.to_string()).collect()
+        } else {
+            a.dtypes.clone()
+        },
+        batches: or(&a.batch, &[1], &[1, 8, 32]),
+        prompt_lens: or(&a.prompt_len, &[32], &[32, 128, 512]),
+        new_tokens: a.new_tokens.unwrap_or(if a.full { 64 } else { 16 }),
+        reps: a.reps,
+        compare,
+    };
+    eprintln!("measuring this machine's memory bandwidth and FLOP/s…");
+    let hw = hardware::probe();
+    let rows = sweep::run(&plan, &hw);
+    let mut notes = Vec::new();
+    if rows.iter().any(|r| r.synthetic) {
+        notes.push(
+            "synthetic = random weights of the exact shape (speed is the same as trained weights)"
+                .into(),
+        );
+    }
+    notes.push(format!(
+        "decode roofline: f32 weight bytes + KV cache read per step / {:.1} GB/s measured read bandwidth; \
+         prefill roofline: 2 FLOPs per non-embedding weight per token / {:.1} GFLOP/s measured FMA peak",
+        hw.mem_read_gbs, hw.f32_fma_peak_gflops
+    ));
+    let missing: Vec<&str> = sweep::DTYPES
+        .iter()
+        .filter(|d| !sweep::SUPPORTED.contains(d))
+        .copied()
+        .collect();
+    if a.dtypes.is_empty() && !missing.is_empty() {
+        notes.push(format!(
+            "not measured: {} weights are not implemented in the CPU engine yet",
+            missing.join(", ")
+        ));
+    }
+    if hw.gpus.iter().any(|g| !g.usable) {
+        notes.push("GPUs were found, but this build has no GPU backend yet: their bandwidth and speed are not measured".into());
+    }
+    let report = types::Report {
+        header: types::Header {
+            gpt2rs_version: env!("CARGO_PKG_VERSION").to_string(),
+            git_commit: env!("GPT2RS_GIT_COMMIT").to_string(),
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+            date_utc: utc_now(),
+        },
+        hardware: hw,
+        rows,
+        notes,
+    };
+    let text = if a.json {
+        report::json(&report)
+    } else if a.csv {
+        report::csv(&report)
+    } else if a.markdown {
+        report::markdown(&report)
+    } else {
+        report::table(&report)
+    };
+    print!("{text}");
+    if let Some(path) = &a.plot {
+        plot::plot(&report, path)?;
+        eprintln!("plot written to {}", path.display());
+    }
+    Ok(())
+}
+
+/// The current time as ISO 8601 UTC, from the system clock (no time-zone data needed).
+fn utc_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}

@@ -1,6 +1,7 @@
 //! `gpt2rs`: run GPT-2 checkpoints on this machine.
 
 mod args;
+mod bench;
 mod commands;
 
 use clap::Parser;
@@ -20,6 +21,7 @@ fn main() {
         args::Command::Generate(a) => commands::generate(a),
         args::Command::Score(a) => commands::score(a),
         args::Command::Info(a) => commands::info(a),
+        args::Command::Bench(a) => commands::bench(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

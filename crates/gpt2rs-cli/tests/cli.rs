@@ -289,3 +289,58 @@ fn synthetic_weights_are_labelled() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("SYNTHETIC"));
 }
+
+#[test]
+fn bench_measures_each_row_and_lists_what_it_skipped() {
+    let out = ok(&[
+        "bench",
+        "--models",
+        &model(),
+        "--dtypes",
+        "f32,int8",
+        "--prompt-len",
+        "5,2000",
+        "--new-tokens",
+        "3",
+        "--reps",
+        "2",
+        "--json",
+    ]);
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert!(report["hardware"]["mem_read_gbs"].as_f64().unwrap() > 0.0);
+    assert!(report["header"]["command"]
+        .as_str()
+        .unwrap()
+        .contains("bench"));
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    let measured: Vec<&Value> = rows.iter().filter(|r| r["skipped"].is_null()).collect();
+    assert_eq!(measured.len(), 1, "only f32 with the 5-token prompt runs");
+    let row = measured[0];
+    assert_eq!(row["synthetic"], false);
+    assert_eq!(row["decode_tok_s"]["n"], 2);
+    assert!(row["decode_tok_s"]["median"].as_f64().unwrap() > 0.0);
+    assert!(row["prefill_tok_s"]["median"].as_f64().unwrap() > 0.0);
+    assert!(row["decode_roofline"].as_f64().unwrap() > 0.0);
+    let reasons: Vec<&str> = rows.iter().filter_map(|r| r["skipped"].as_str()).collect();
+    assert!(reasons
+        .iter()
+        .any(|r| r.contains("int8") && r.contains("not implemented")));
+    assert!(reasons.iter().any(|r| r.contains("context")));
+
+    let csv = ok(&[
+        "bench",
+        "--models",
+        &model(),
+        "--prompt-len",
+        "4",
+        "--new-tokens",
+        "2",
+        "--reps",
+        "1",
+        "--csv",
+    ]);
+    assert_eq!(csv.lines().count(), 2, "header and one row: {csv}");
+    fails(&["bench", "--dtypes", "f8"], "unknown dtype");
+    fails(&["bench", "--models", "no-such-owner/no-such-model"], "");
+}

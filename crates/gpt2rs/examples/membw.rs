@@ -1,11 +1,15 @@
-//! Prints this machine's memory read bandwidth (all threads), the ceiling of decode speed.
+//! Prints this machine's ceilings: memory read bandwidth, f32 FMA peak and GEMM rate (all threads).
+use gpt2rs::cpu::roofline;
+
 fn main() {
+    let threads = rayon::current_num_threads();
     for _ in 0..3 {
-        let bw = gpt2rs::cpu::roofline::read_bandwidth(1 << 30, 3);
-        println!(
-            "read bandwidth: {:.1} GB/s ({} threads)",
-            bw / 1e9,
-            rayon::current_num_threads()
-        );
+        let bw = roofline::read_bandwidth(1 << 30, 3);
+        println!("read bandwidth: {:.1} GB/s ({threads} threads)", bw / 1e9);
     }
+    println!("f32 FMA peak: {:.1} GFLOP/s", roofline::fma_peak(3) / 1e9);
+    println!(
+        "f32 GEMM 1024^3: {:.1} GFLOP/s",
+        roofline::gemm_rate(1024, 3) / 1e9
+    );
 }

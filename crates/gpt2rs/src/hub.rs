@@ -116,6 +116,20 @@ pub fn offline() -> bool {
         .unwrap_or(false)
 }
 
+/// The snapshot directory of a repository already complete in the cache (config and weights),
+/// without any network access.
+pub fn cached_snapshot(repo: &str, revision: &str) -> Option<PathBuf> {
+    let cached = Cache::new(cache_dir()).repo(Repo::with_revision(
+        repo.to_string(),
+        RepoType::Model,
+        revision.to_string(),
+    ));
+    let config = cached.get("config.json")?;
+    let has_weights = cached.get("model.safetensors").is_some()
+        || cached.get("model.safetensors.index.json").is_some();
+    has_weights.then(|| config.parent().expect("a file has a parent").to_path_buf())
+}
+
 /// Options for fetching from the hub.
 #[derive(Debug, Clone, Default)]
 pub struct FetchOptions {

@@ -140,6 +140,26 @@ pub fn sum(x: &[f32]) -> f32 {
     x.iter().sum()
 }
 
+/// Runs `iters` rounds of independent multiply-adds in registers and returns the FLOPs done
+/// (for the FMA-peak probe).
+pub fn fma_loop(iters: usize) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: AVX2 and FMA are present.
+        return unsafe { x86::fma_loop(iters) };
+    }
+    let mut acc = [[1f32; LANES]; 8];
+    for _ in 0..iters {
+        for a in acc.iter_mut() {
+            for v in a.iter_mut() {
+                *v = madd::<NATIVE_FMA>(*v, 0.999_999, 1e-7);
+            }
+        }
+    }
+    std::hint::black_box(acc);
+    (iters * 8 * LANES * 2) as u64
+}
+
 /// Hand-written AVX2 versions of the hottest kernels: the compiler's automatic vectorization
 /// of the portable loops shuffles lanes needlessly for these.
 #[cfg(target_arch = "x86_64")]
@@ -210,6 +230,21 @@ mod x86 {
             }
             out[t] = s;
         }
+    }
+
+    /// Ten independent FMA chains (enough to cover the FMA latency on two ports).
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn fma_loop(iters: usize) -> u64 {
+        let m = _mm256_set1_ps(0.999_999);
+        let c = _mm256_set1_ps(1e-7);
+        let mut acc = [_mm256_set1_ps(1.0); 10];
+        for _ in 0..iters {
+            for a in acc.iter_mut() {
+                *a = _mm256_fmadd_ps(*a, m, c);
+            }
+        }
+        std::hint::black_box(acc);
+        (iters * 10 * 8 * 2) as u64
     }
 
     /// Σ x with eight accumulators.

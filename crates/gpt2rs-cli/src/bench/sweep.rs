@@ -1,0 +1,365 @@
+//! The sweep: every (model, precision, batch, prompt length) asked for, measured after a warm-up,
+//! each figure the median of several runs, and each held against the machine's ceilings.
+
+use super::compare::Transformers;
+use super::types::{Hardware, Row, Stat};
+use gpt2rs::config::Gpt2Config;
+use gpt2rs::cpu::CpuEngine;
+use gpt2rs::generate::{generate, GenerationConfig};
+use gpt2rs::hub::{self, ModelSpec};
+use gpt2rs::memory::Bytes;
+use gpt2rs::model;
+use gpt2rs::tokenizer::Tokenizer;
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::{Rng, SeedableRng};
+
+/// Weight formats the bench knows by name; only those in `SUPPORTED` run today.
+pub const DTYPES: &[&str] = &["f32", "f16", "bf16", "int8", "int4"];
+pub const SUPPORTED: &[&str] = &["f32"];
+
+/// What to measure.
+#[derive(Debug)]
+pub struct Plan {
+    pub models: Vec<BenchModel>,
+    pub dtypes: Vec<String>,
+    pub batches: Vec<usize>,
+    pub prompt_lens: Vec<usize>,
+    pub new_tokens: usize,
+    pub reps: usize,
+    /// The engine to compare with, found before the sweep starts.
+    pub compare: Option<Transformers>,
+}
+
+/// A `--models` entry, resolved before anything is measured.
+#[derive(Debug, Clone)]
+pub struct BenchModel {
+    pub name: String,
+    pub config: Gpt2Config,
+    pub spec: ModelSpec,
+    pub synthetic: bool,
+}
+
+/// Runs the plan: one row per configuration, measured or skipped with the reason.
+pub fn run(plan: &Plan, hw: &Hardware) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let theirs = plan.compare.as_ref();
+    let total = plan.models.len() * plan.dtypes.len() * plan.batches.len() * plan.prompt_lens.len();
+    let bar = ProgressBar::new(total as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}] {msg}")
+            .expect("valid template"),
+    );
+    for m in &plan.models {
+        let (name, config, synthetic) = (&m.name, &m.config, m.synthetic);
+        let configs: Vec<(String, usize, usize)> = plan
+            .dtypes
+            .iter()
+            .flat_map(|d| {
+                plan.batches
+                    .iter()
+                    .flat_map(move |&b| plan.prompt_lens.iter().map(move |&p| (d.clone(), b, p)))
+            })
+            .collect();
+        let skip = |reason: String, rows: &mut Vec<Row>, dtype: &str, batch, prompt| {
+            let mut r = empty_row(
+                name,
+                config,
+                dtype,
+                batch,
+                prompt,
+                plan.new_tokens,
+                synthetic,
+            );
+            r.skipped = Some(reason);
+            rows.push(r);
+        };
+        // Precisions the engine does not have yet are listed, not silently dropped.
+        let mut runnable = Vec::new();
+        for (dtype, batch, prompt) in configs {
+            if SUPPORTED.contains(&dtype.as_str()) {
+                runnable.push((dtype, batch, prompt));
+            } else {
+                skip(
+                    format!("{dtype} weights are not implemented in the CPU engine yet"),
+                    &mut rows,
+                    &dtype,
+                    batch,
+                    prompt,
+                );
+                bar.inc(1);
+            }
+        }
+        if runnable.is_empty() {
+            continue;
+        }
+        // Fit check before building anything: weights plus the largest KV cache of the plan.
+        let max_ctx = runnable
+            .iter()
+            .map(|(_, b, p)| b * (p + plan.new_tokens))
+            .max()
+            .unwrap_or(0);
+        let needed =
+            model::f32_weight_bytes(config).0 + config.kv_bytes_per_token(4) * max_ctx as u64;
+        if let Some(avail) = hw.ram_available_bytes {
+            if needed > avail {
+                for (dtype, batch, prompt) in runnable {
+                    skip(
+                        format!(
+                            "needs {} of memory, {} available",
+                            Bytes(needed),
+                            Bytes(avail)
+                        ),
+                        &mut rows,
+                        &dtype,
+                        batch,
+                        prompt,
+                    );
+                    bar.inc(1);
+                }
+                continue;
+            }
+        }
+        bar.set_message(format!("loading {name}"));
+        reset_peak_memory();
+        let loaded = match model::load(&m.spec, 0, &hub::FetchOptions::default()) {
+            Ok(m) => m,
+            Err(e) => {
+                for (dtype, batch, prompt) in runnable {
+                    skip(
+                        format!("cannot load: {e}"),
+                        &mut rows,
+                        &dtype,
+                        batch,
+                        prompt,
+                    );
+                    bar.inc(1);
+                }
+                continue;
+            }
+        };
+        let tokenizer = loaded.tokenizer;
+        let mut engine = CpuEngine::new(loaded.weights);
+        for (dtype, batch, prompt) in runnable {
+            if prompt + plan.new_tokens > config.n_positions || prompt == 0 {
+                skip(
+                    format!(
+                        "prompt {prompt} + {} new tokens do not fit the context of {}",
+                        plan.new_tokens, config.n_positions
+                    ),
+                    &mut rows,
+                    &dtype,
+                    batch,
+                    prompt,
+                );
+                bar.inc(1);
+                continue;
+            }
+            bar.set_message(format!("{name} {dtype} batch {batch} prompt {prompt}"));
+            let mut row = empty_row(
+                name,
+                config,
+                &dtype,
+                batch,
+                prompt,
+                plan.new_tokens,
+                synthetic,
+            );
+            match measure(
+                &mut engine,
+                &tokenizer,
+                config,
+                batch,
+                prompt,
+                plan.new_tokens,
+                plan.reps,
+            ) {
+                Ok(m) => fill(&mut row, m, config, hw),
+                Err(e) => row.skipped = Some(format!("failed: {e}")),
+            }
+            row.peak_memory_bytes = peak_memory();
+            if let (Some(t), None) = (&theirs, &row.skipped) {
+                bar.set_message(format!(
+                    "{name} batch {batch} prompt {prompt} through transformers"
+                ));
+                // The same weights: the preset's shape at random, or the same directory.
+                let theirs_model = match &m.spec {
+                    ModelSpec::Dir(dir) => dir.display().to_string(),
+                    _ => name.clone(),
+                };
+                let mut c = t.run(
+                    &theirs_model,
+                    batch,
+                    prompt,
+                    plan.new_tokens,
+                    hw.threads,
+                    plan.reps,
+                );
+                let ours = |s: &Option<Stat>| s.map(|s| s.median);
+                c.decode_speedup = ours(&row.decode_tok_s)
+                    .zip(c.decode_tok_s)
+                    .map(|(a, b)| a / b);
+                c.prefill_speedup = ours(&row.prefill_tok_s)
+                    .zip(c.prefill_tok_s)
+                    .map(|(a, b)| a / b);
+                row.compare = Some(c);
+            }
+            rows.push(row);
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    rows
+}
+
+/// What to run for a `--models` entry: a preset uses real weights when the hub cache already has
+/// them and synthetic ones of the exact shape otherwise; a directory or a cached hub repository
+/// runs as is. The bench never downloads.
+pub fn resolve(name: &str) -> Result<BenchModel, String> {
+    let spec = ModelSpec::parse(name).map_err(|e| e.to_string())?;
+    let dir = match &spec {
+        ModelSpec::Dir(dir) => Some(dir.clone()),
+        ModelSpec::Hub { repo, revision } => hub::cached_snapshot(repo, revision),
+        ModelSpec::Synthetic { config, .. } => {
+            return Ok(BenchModel {
+                name: name.trim_start_matches("synthetic:").to_string(),
+                config: config.clone(),
+                spec: spec.clone(),
+                synthetic: true,
+            })
+        }
+    };
+    if let Some(dir) = dir {
+        let config = Gpt2Config::from_file(&dir.join("config.json")).map_err(|e| e.to_string())?;
+        return Ok(BenchModel {
+            name: name.to_string(),
+            config,
+            spec: ModelSpec::Dir(dir),
+            synthetic: false,
+        });
+    }
+    if Gpt2Config::preset(name).is_some() {
+        return resolve(&format!("synthetic:{name}"));
+    }
+    Err(format!(
+        "not in the hub cache ({}); the bench does not download: run `gpt2rs generate --model {name}` once first",
+        hub::cache_dir().display()
+    ))
+}
+
+fn empty_row(
+    name: &str,
+    c: &Gpt2Config,
+    dtype: &str,
+    batch: usize,
+    prompt: usize,
+    new: usize,
+    synthetic: bool,
+) -> Row {
+    Row {
+        backend: "cpu".into(),
+        model: name.to_string(),
+        synthetic,
+        params: c.param_count(),
+        dtype: dtype.to_string(),
+        batch,
+        prompt_len: prompt,
+        new_tokens: new,
+        skipped: None,
+        prefill_tok_s: None,
+        ttft_ms: None,
+        decode_tok_s: None,
+        decode_ms_per_step: None,
+        peak_memory_bytes: None,
+        decode_roofline: None,
+        prefill_roofline: None,
+        decode_ceiling_tok_s: None,
+        compare: None,
+    }
+}
+
+struct Measured {
+    prefill_tok_s: Vec<f64>,
+    ttft_ms: Vec<f64>,
+    decode_tok_s: Vec<f64>,
+    ms_per_step: Vec<f64>,
+}
+
+fn measure(
+    engine: &mut CpuEngine,
+    tokenizer: &Tokenizer,
+    c: &Gpt2Config,
+    batch: usize,
+    prompt_len: usize,
+    new_tokens: usize,
+    reps: usize,
+) -> gpt2rs::Result<Measured> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+    let prompts: Vec<Vec<u32>> = (0..batch)
+        .map(|_| {
+            (0..prompt_len)
+                .map(|_| rng.random_range(0..c.vocab_size as u32))
+                .collect()
+        })
+        .collect();
+    let cfg = |n| GenerationConfig {
+        max_new_tokens: n,
+        stop_at_eos: false,
+        ..GenerationConfig::default()
+    };
+    generate(engine, tokenizer, &prompts, &cfg(2), &mut |_| {})?; // warm-up
+    let mut m = Measured {
+        prefill_tok_s: vec![],
+        ttft_ms: vec![],
+        decode_tok_s: vec![],
+        ms_per_step: vec![],
+    };
+    for _ in 0..reps.max(1) {
+        let (_, s) = generate(engine, tokenizer, &prompts, &cfg(new_tokens), &mut |_| {})?;
+        m.prefill_tok_s.push(s.prefill_tokens_per_sec());
+        m.ttft_ms.push(s.time_to_first_token.as_secs_f64() * 1e3);
+        if s.decode_steps > 0 {
+            m.decode_tok_s.push(s.decode_tokens_per_sec());
+            m.ms_per_step
+                .push(s.decode_time.as_secs_f64() * 1e3 / s.decode_steps as f64);
+        }
+    }
+    Ok(m)
+}
+
+fn fill(row: &mut Row, m: Measured, c: &Gpt2Config, hw: &Hardware) {
+    let stat = |v: &[f64]| (!v.is_empty()).then(|| Stat::of(v));
+    row.prefill_tok_s = stat(&m.prefill_tok_s);
+    row.ttft_ms = stat(&m.ttft_ms);
+    row.decode_tok_s = stat(&m.decode_tok_s);
+    row.decode_ms_per_step = stat(&m.ms_per_step);
+    // Decode floor: every weight read once per step, plus each sequence's KV cache
+    // (at the mean context length of the run), at the measured read bandwidth.
+    let mean_ctx = row.prompt_len as f64 + row.new_tokens as f64 / 2.0;
+    let bytes = c.params_read_per_token() as f64 * 4.0
+        + row.batch as f64 * mean_ctx * c.kv_bytes_per_token(4) as f64;
+    let ceiling = row.batch as f64 / (bytes / (hw.mem_read_gbs * 1e9));
+    row.decode_ceiling_tok_s = Some(ceiling);
+    row.decode_roofline = row.decode_tok_s.map(|s| s.median / ceiling);
+    // Prefill floor: 2 FLOPs per non-embedding weight per prompt token at the FMA peak.
+    let matmul_params = (c.params_read_per_token() - (c.vocab_size * c.n_embd) as u64) as f64;
+    let prefill_ceiling = hw.f32_fma_peak_gflops * 1e9 / (2.0 * matmul_params);
+    row.prefill_roofline = row.prefill_tok_s.map(|s| s.median / prefill_ceiling);
+}
+
+/// Starts a new peak-memory window (Linux: clear_refs 5 resets VmHWM).
+fn reset_peak_memory() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// The process's peak resident memory since the last reset (Linux).
+fn peak_memory() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}

@@ -1,0 +1,143 @@
+//! What a benchmark run produces: the header, the machine and its ceilings, and one row per
+//! configuration. Everything here serializes to JSON as is.
+
+use serde::Serialize;
+
+/// Median of repeated measurements, with their spread.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct Stat {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    /// Number of measurements.
+    pub n: usize,
+}
+
+impl Stat {
+    /// Summarizes `values` (at least one).
+    pub fn of(values: &[f64]) -> Self {
+        let mut v = values.to_vec();
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        let median = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        Self {
+            median,
+            min: v[0],
+            max: v[n - 1],
+            n,
+        }
+    }
+
+    /// Half the range, as a fraction of the median (the "±" printed next to it).
+    pub fn spread(&self) -> f64 {
+        if self.median == 0.0 {
+            0.0
+        } else {
+            (self.max - self.min) / 2.0 / self.median
+        }
+    }
+}
+
+/// Who ran, what, when.
+#[derive(Debug, Clone, Serialize)]
+pub struct Header {
+    pub gpt2rs_version: String,
+    pub git_commit: String,
+    /// The full command line.
+    pub command: String,
+    /// ISO 8601, UTC.
+    pub date_utc: String,
+}
+
+/// A GPU seen on the machine.
+#[derive(Debug, Clone, Serialize)]
+pub struct Gpu {
+    pub name: String,
+    pub memory_bytes: Option<u64>,
+    /// Whether gpt2rs can run on it in this build (false until the CUDA backend exists).
+    pub usable: bool,
+}
+
+/// The machine and the ceilings measured on it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Hardware {
+    pub os: String,
+    pub cpu_model: String,
+    pub logical_cores: usize,
+    /// Threads the CPU engine used.
+    pub threads: usize,
+    /// The SIMD level the kernels run with (avx2+fma, neon, …).
+    pub simd: String,
+    pub ram_total_bytes: Option<u64>,
+    pub ram_available_bytes: Option<u64>,
+    pub gpus: Vec<Gpu>,
+    /// Memory read bandwidth with all threads, GB/s (1 GB = 1e9 bytes).
+    pub mem_read_gbs: f64,
+    /// f32 fused multiply-add throughput with all threads, GFLOP/s (register-only loop).
+    pub f32_fma_peak_gflops: f64,
+    /// f32 matrix-multiply throughput the engine's GEMM reaches (1024³), GFLOP/s.
+    pub f32_gemm_gflops: f64,
+}
+
+/// The same configuration run through another engine.
+#[derive(Debug, Clone, Serialize)]
+pub struct Comparison {
+    /// e.g. "transformers 5.23.0 (torch 2.15.0)".
+    pub engine: String,
+    pub prefill_tok_s: Option<f64>,
+    pub ttft_ms: Option<f64>,
+    pub decode_tok_s: Option<f64>,
+    /// gpt2rs decode tok/s ÷ theirs.
+    pub decode_speedup: Option<f64>,
+    /// gpt2rs prefill tok/s ÷ theirs.
+    pub prefill_speedup: Option<f64>,
+    /// Why there are no numbers (their run failed, …).
+    pub error: Option<String>,
+}
+
+/// One configuration: model × precision × batch × prompt length on one backend.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub backend: String,
+    pub model: String,
+    /// True when the weights are random values of the exact shape.
+    pub synthetic: bool,
+    pub params: u64,
+    pub dtype: String,
+    pub batch: usize,
+    pub prompt_len: usize,
+    pub new_tokens: usize,
+    /// Set when the row was not run, with the reason (e.g. does not fit in memory).
+    pub skipped: Option<String>,
+    /// Prompt tokens per second over the whole batch's prefill.
+    pub prefill_tok_s: Option<Stat>,
+    /// Time to the first new token of every sequence, ms.
+    pub ttft_ms: Option<Stat>,
+    /// Generated tokens per second over the batch (decode steps only).
+    pub decode_tok_s: Option<Stat>,
+    /// Milliseconds per decode step (one token for each sequence).
+    pub decode_ms_per_step: Option<Stat>,
+    /// Peak resident memory of the process during the row, bytes.
+    pub peak_memory_bytes: Option<u64>,
+    /// Decode speed ÷ the bandwidth floor (weight + KV bytes per step ÷ read bandwidth).
+    pub decode_roofline: Option<f64>,
+    /// Prefill speed ÷ the compute floor (2 · params · tokens ÷ FMA peak).
+    pub prefill_roofline: Option<f64>,
+    /// The bandwidth-bound ceiling of decode for this row, tok/s.
+    pub decode_ceiling_tok_s: Option<f64>,
+    pub compare: Option<Comparison>,
+}
+
+/// A whole benchmark run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub header: Header,
+    pub hardware: Hardware,
+    pub rows: Vec<Row>,
+    /// Plain-language notes (what was skipped and why, what is not built yet).
+    pub notes: Vec<String>,
+}
