@@ -4,7 +4,7 @@ use gpt2rs::cpu::roofline;
 fn main() {
     let threads = rayon::current_num_threads();
     for _ in 0..3 {
-        let bw = roofline::read_bandwidth(1 << 30, 3);
+        let bw = roofline::read_bandwidth(2 << 30, 5);
         println!("read bandwidth: {:.1} GB/s ({threads} threads)", bw / 1e9);
     }
     println!("f32 FMA peak: {:.1} GFLOP/s", roofline::fma_peak(3) / 1e9);

@@ -5,7 +5,9 @@ use gpt2rs::cpu::{roofline, simd};
 
 /// Detects the machine and measures its ceilings (a few seconds).
 pub fn probe() -> Hardware {
-    let bandwidth = roofline::read_bandwidth(1 << 30, 3);
+    // 2 GiB (or a quarter of what is free): well past any cache, small enough to be quick.
+    let free = gpt2rs::memory::available().map_or(u64::MAX, |b| b.0 / 4);
+    let bandwidth = roofline::read_bandwidth((2u64 << 30).min(free) as usize, 5);
     Hardware {
         os: format!("{} {}", std::env::consts::OS, std::env::consts::ARCH),
         cpu_model: cpu_model(),

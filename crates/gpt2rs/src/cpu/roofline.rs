@@ -6,12 +6,16 @@ use crate::weights::Matrix;
 use rayon::prelude::*;
 use std::time::Instant;
 
-/// Read bandwidth in bytes per second: every thread sums its share of a `bytes`-sized buffer
-/// (far larger than the caches); the best of `reps` passes after one warm-up pass.
+/// Read bandwidth in bytes per second: all threads sum a `bytes`-sized buffer (far larger than
+/// the caches) in small chunks they steal from each other, so one late thread does not stretch
+/// the pass; the median of `reps` passes after one warm-up pass (the best pass is sometimes a
+/// burst the machine cannot hold). The buffer is first written by all threads, so its pages are
+/// spread the way the engine's are.
 pub fn read_bandwidth(bytes: usize, reps: usize) -> f64 {
     let n = bytes / 4;
-    let buf = vec![1.0f32; n];
-    let chunk = n.div_ceil(rayon::current_num_threads()).max(1 << 16);
+    let mut buf = vec![0f32; n];
+    let chunk = (n / (rayon::current_num_threads() * 16)).max(1 << 16);
+    buf.par_chunks_mut(chunk).for_each(|c| c.fill(1.0));
     let pass = || {
         let t = Instant::now();
         let s: f32 = buf.par_chunks(chunk).map(simd::sum).sum();
@@ -19,10 +23,9 @@ pub fn read_bandwidth(bytes: usize, reps: usize) -> f64 {
         t.elapsed().as_secs_f64()
     };
     pass();
-    let best = (0..reps.max(1))
-        .map(|_| pass())
-        .fold(f64::INFINITY, f64::min);
-    (n * 4) as f64 / best
+    let mut times: Vec<f64> = (0..reps.max(1)).map(|_| pass()).collect();
+    times.sort_by(f64::total_cmp);
+    (n * 4) as f64 / times[times.len() / 2]
 }
 
 /// Peak f32 multiply-add rate of all threads, in FLOP/s: independent FMA chains in registers,
