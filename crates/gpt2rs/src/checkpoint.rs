@@ -289,7 +289,7 @@ pub fn write_hf_checkpoint(
     put(
         "transformer.wte.weight".into(),
         vec![weights.wte.rows, weights.wte.cols],
-        &weights.wte.data,
+        &weights.wte.dequantize().data,
     );
     put(
         "transformer.wpe.weight".into(),
@@ -319,7 +319,7 @@ pub fn write_hf_checkpoint(
             put(
                 format!("{p}.{name}.weight"),
                 vec![lin.w.cols, lin.w.rows],
-                &transposed(&lin.w),
+                &transposed(&lin.w.dequantize()),
             );
             put(format!("{p}.{name}.bias"), vec![lin.b.len()], &lin.b);
         }
@@ -338,7 +338,7 @@ pub fn write_hf_checkpoint(
         put(
             "lm_head.weight".into(),
             vec![head.rows, head.cols],
-            &head.data,
+            &head.dequantize().data,
         );
     }
     let st_dtype = match dtype {

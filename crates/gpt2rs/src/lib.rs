@@ -29,6 +29,7 @@ pub mod generate;
 pub mod hub;
 pub mod memory;
 pub mod model;
+pub mod quant;
 pub mod score;
 pub mod tokenizer;
 pub mod weights;

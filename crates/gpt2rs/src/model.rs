@@ -5,6 +5,7 @@ use crate::config::Gpt2Config;
 use crate::error::Result;
 use crate::hub::{self, FetchOptions, ModelSpec};
 use crate::memory::{self, Bytes};
+use crate::quant::WeightFormat;
 use crate::tokenizer::Tokenizer;
 use crate::weights::ModelWeights;
 
@@ -22,39 +23,53 @@ pub struct LoadedModel {
 
 /// Bytes the f32 engine needs for the weights of `config`.
 pub fn f32_weight_bytes(config: &Gpt2Config) -> Bytes {
-    Bytes(config.param_count() * 4)
+    Bytes(WeightFormat::F32.model_bytes(config))
 }
 
-/// Loads (and if needed downloads) the model `spec` names. Synthetic weights use `seed`.
+/// Loads (and if needed downloads) the model `spec` names, in f32. Synthetic weights use `seed`.
 pub fn load(spec: &ModelSpec, seed: u64, fetch: &FetchOptions) -> Result<LoadedModel> {
+    load_as(spec, seed, fetch, WeightFormat::F32)
+}
+
+/// [`load`] with the weight matrices stored in `format` (converted at load, one matrix at a
+/// time). Fails before reading any weights when they would not fit in the available memory.
+pub fn load_as(
+    spec: &ModelSpec,
+    seed: u64,
+    fetch: &FetchOptions,
+    format: WeightFormat,
+) -> Result<LoadedModel> {
     match spec {
         ModelSpec::Synthetic { name, config } => {
-            memory::ensure_available(&format!("synthetic {name} (f32)"), f32_weight_bytes(config))?;
+            memory::ensure_available(
+                &format!("synthetic {name} ({})", format.label()),
+                Bytes(format.model_bytes(config)),
+            )?;
             Ok(LoadedModel {
-                weights: ModelWeights::synthetic(config, seed),
+                weights: ModelWeights::synthetic_as(config, seed, format),
                 tokenizer: Tokenizer::gpt2(),
                 source: format!("synthetic {name} (random weights, seed {seed})"),
                 synthetic: true,
                 stored_dtype: None,
             })
         }
-        ModelSpec::Dir(dir) => load_dir(dir),
+        ModelSpec::Dir(dir) => load_dir(dir, format),
         ModelSpec::Hub { repo, revision } => {
             let dir = hub::fetch(repo, revision, fetch)?;
-            let mut m = load_dir(&dir)?;
+            let mut m = load_dir(&dir, format)?;
             m.source = format!("{repo}@{revision} ({})", dir.display());
             Ok(m)
         }
     }
 }
 
-fn load_dir(dir: &std::path::Path) -> Result<LoadedModel> {
+fn load_dir(dir: &std::path::Path, format: WeightFormat) -> Result<LoadedModel> {
     let ckpt = Checkpoint::open(dir)?;
     memory::ensure_available(
-        &format!("{} (f32)", dir.display()),
-        f32_weight_bytes(&ckpt.config),
+        &format!("{} ({})", dir.display(), format.label()),
+        Bytes(format.model_bytes(&ckpt.config)),
     )?;
-    let weights = ModelWeights::from_checkpoint(&ckpt)?;
+    let weights = ModelWeights::from_checkpoint_as(&ckpt, format)?;
     Ok(LoadedModel {
         weights,
         tokenizer: Tokenizer::for_checkpoint(dir)?,

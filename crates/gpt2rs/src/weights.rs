@@ -1,10 +1,12 @@
-//! Model weights in the engine's own layout: f32, every matrix stored `[out, in]` row-major
-//! (so a decode step streams each output's weights contiguously), converted once at load
-//! from whatever the checkpoint stores (Conv1D's `[in, out]`, f16, bf16, …).
+//! Model weights in the engine's own layout: every matrix stored `[out, in]` row-major (so a
+//! decode step streams each output's weights contiguously) in the chosen format (f32, f16,
+//! bf16, int8, int4; see `crate::quant`), converted once at load from whatever the checkpoint
+//! stores (Conv1D's `[in, out]`, f16, bf16, …).
 
 use crate::checkpoint::Checkpoint;
 use crate::config::Gpt2Config;
 use crate::error::{Error, Result};
+use crate::quant::{DType, QMatrix, WeightFormat};
 use rayon::prelude::*;
 
 /// A row-major f32 matrix.
@@ -23,9 +25,9 @@ impl Matrix {
 }
 
 /// `y = x · Wᵀ + b` with `w` of shape `[out, in]`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Linear {
-    pub w: Matrix,
+    pub w: QMatrix,
     pub b: Vec<f32>,
 }
 
@@ -37,7 +39,7 @@ pub struct Norm {
 }
 
 /// One transformer block.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct LayerWeights {
     pub ln_1: Norm,
     /// Query, key and value projections stacked: `[3 * n_embd, n_embd]`.
@@ -50,32 +52,64 @@ pub struct LayerWeights {
     pub mlp_out: Linear,
 }
 
-/// All weights of a GPT-2 model.
-#[derive(Debug, Clone, PartialEq)]
+/// All weights of a GPT-2 model. The four matrices of each block and the LM head are in the
+/// chosen [`WeightFormat`]; embeddings of positions, biases and norms stay f32 (they are small).
+#[derive(Debug, Clone)]
 pub struct ModelWeights {
     pub config: Gpt2Config,
+    pub format: WeightFormat,
     /// Token embedding `[vocab, n_embd]`; also the LM head when tied.
-    pub wte: Matrix,
+    pub wte: QMatrix,
     /// Position embedding `[n_positions, n_embd]`.
     pub wpe: Matrix,
     pub layers: Vec<LayerWeights>,
     pub ln_f: Norm,
     /// A separate LM head `[vocab, n_embd]`, or `None` when tied to `wte`.
-    pub lm_head: Option<Matrix>,
+    pub lm_head: Option<QMatrix>,
 }
 
 impl ModelWeights {
     /// The matrix that turns the final hidden state into logits.
-    pub fn lm_head(&self) -> &Matrix {
+    pub fn lm_head(&self) -> &QMatrix {
         self.lm_head.as_ref().unwrap_or(&self.wte)
     }
 
-    /// Converts a checkpoint's tensors into the engine layout, checking every name and shape.
+    /// Bytes the weights take in memory.
+    pub fn bytes(&self) -> u64 {
+        let vec_bytes = |v: &[f32]| v.len() as u64 * 4;
+        let norm = |n: &Norm| vec_bytes(&n.gamma) + vec_bytes(&n.beta);
+        let lin = |l: &Linear| l.w.bytes() + vec_bytes(&l.b);
+        self.wte.bytes()
+            + vec_bytes(&self.wpe.data)
+            + self.lm_head.as_ref().map_or(0, QMatrix::bytes)
+            + norm(&self.ln_f)
+            + self
+                .layers
+                .iter()
+                .map(|l| {
+                    norm(&l.ln_1)
+                        + norm(&l.ln_2)
+                        + lin(&l.qkv)
+                        + lin(&l.attn_out)
+                        + lin(&l.mlp_in)
+                        + lin(&l.mlp_out)
+                })
+                .sum::<u64>()
+    }
+
+    /// Converts a checkpoint's tensors into the engine layout in f32, checking every name and
+    /// shape.
     pub fn from_checkpoint(ckpt: &Checkpoint) -> Result<Self> {
+        Self::from_checkpoint_as(ckpt, WeightFormat::F32)
+    }
+
+    /// Converts a checkpoint's tensors into the engine layout in `format`, one matrix at a time
+    /// (so memory never holds the whole model in f32 when a smaller format is asked for).
+    pub fn from_checkpoint_as(ckpt: &Checkpoint, format: WeightFormat) -> Result<Self> {
         let cfg = ckpt.config.clone();
         let (c, v, p, inner) = (cfg.n_embd, cfg.vocab_size, cfg.n_positions, cfg.n_inner);
-        let loader = Loader { ckpt };
-        let wte = loader.matrix("wte.weight", v, c)?;
+        let loader = Loader { ckpt, format };
+        let wte = QMatrix::from_matrix(loader.matrix("wte.weight", v, c)?, format.head_dtype());
         let wpe = loader.matrix("wpe.weight", p, c)?;
         let layers = (0..cfg.n_layer)
             .into_par_iter()
@@ -103,10 +137,14 @@ impl ModelWeights {
                         "config.json says tie_word_embeddings=false but there is no lm_head.weight"
                             .into(),
                 })?;
-            Some(loader.exact(name, &[v, c])?)
+            Some(QMatrix::from_matrix(
+                loader.exact(name, &[v, c])?,
+                format.head_dtype(),
+            ))
         };
         Ok(Self {
             config: cfg,
+            format,
             wte,
             wpe,
             layers,
@@ -115,17 +153,27 @@ impl ModelWeights {
         })
     }
 
-    /// Weights of the exact shapes of `config`, drawn from `seed`: for speed measurements and
-    /// tests where no checkpoint is at hand. The same seed always gives the same weights.
+    /// f32 weights of the exact shapes of `config`, drawn from `seed`: for speed measurements
+    /// and tests where no checkpoint is at hand. The same seed always gives the same weights.
     pub fn synthetic(config: &Gpt2Config, seed: u64) -> Self {
+        Self::synthetic_as(config, seed, WeightFormat::F32)
+    }
+
+    /// [`ModelWeights::synthetic`] stored in `format` (each matrix converted as it is drawn).
+    pub fn synthetic_as(config: &Gpt2Config, seed: u64, format: WeightFormat) -> Self {
         let (c, v, p, inner) = (
             config.n_embd,
             config.vocab_size,
             config.n_positions,
             config.n_inner,
         );
-        let mut s = Synth { seed, stream: 0 };
-        let wte = s.matrix(v, c, 0.02);
+        let mut s = Synth {
+            seed,
+            stream: 0,
+            dtype: format.dtype,
+        };
+        let head = format.head_dtype();
+        let wte = QMatrix::from_matrix(s.matrix(v, c, 0.02), head);
         let wpe = s.matrix(p, c, 0.01);
         let layers = (0..config.n_layer)
             .map(|_| LayerWeights {
@@ -138,9 +186,11 @@ impl ModelWeights {
             })
             .collect();
         let ln_f = s.norm(c);
-        let lm_head = (!config.tie_word_embeddings).then(|| s.matrix(v, c, 0.02));
+        let lm_head =
+            (!config.tie_word_embeddings).then(|| QMatrix::from_matrix(s.matrix(v, c, 0.02), head));
         Self {
             config: config.clone(),
+            format,
             wte,
             wpe,
             layers,
@@ -154,6 +204,7 @@ impl ModelWeights {
 struct Synth {
     seed: u64,
     stream: u64,
+    dtype: DType,
 }
 
 impl Synth {
@@ -172,7 +223,7 @@ impl Synth {
     }
     fn linear(&mut self, out: usize, inp: usize) -> Linear {
         Linear {
-            w: self.matrix(out, inp, 0.02),
+            w: QMatrix::from_matrix(self.matrix(out, inp, 0.02), self.dtype),
             b: self.values(out, 0.0, 0.01),
         }
     }
@@ -212,6 +263,7 @@ fn synthetic_values(n: usize, seed: u64, mean: f32, std: f32) -> Vec<f32> {
 /// Reads tensors by their GPT-2 names, with or without the `transformer.` prefix.
 struct Loader<'a> {
     ckpt: &'a Checkpoint,
+    format: WeightFormat,
 }
 
 impl Loader<'_> {
@@ -268,7 +320,7 @@ impl Loader<'_> {
     fn conv1d(&self, prefix: &str, n_in: usize, n_out: usize) -> Result<Linear> {
         let stored = self.matrix(&format!("{prefix}.weight"), n_in, n_out)?;
         Ok(Linear {
-            w: transpose(&stored),
+            w: QMatrix::from_matrix(transpose(&stored), self.format.dtype),
             b: self.vector(&format!("{prefix}.bias"), n_out)?,
         })
     }
@@ -315,6 +367,34 @@ mod tests {
     }
 
     #[test]
+    fn every_format_holds_the_bytes_it_promises() {
+        let mut cfg = Gpt2Config::preset("gpt2").unwrap();
+        cfg.n_layer = 2;
+        cfg.vocab_size = 301;
+        cfg.n_embd = 96;
+        cfg.n_inner = 4 * 96;
+        for untied in [false, true] {
+            cfg.tie_word_embeddings = !untied;
+            for dtype in DType::ALL {
+                for quantize_lm_head in [true, false] {
+                    let format = WeightFormat {
+                        dtype,
+                        quantize_lm_head,
+                    };
+                    let w = ModelWeights::synthetic_as(&cfg, 1, format);
+                    assert_eq!(w.bytes(), format.model_bytes(&cfg), "{}", format.label());
+                    assert_eq!(w.layers[1].mlp_in.w.dtype(), dtype);
+                    assert_eq!(w.lm_head().dtype(), format.head_dtype());
+                }
+            }
+        }
+        assert_eq!(
+            WeightFormat::F32.model_bytes(&Gpt2Config::preset("gpt2").unwrap()),
+            124_439_808 * 4
+        );
+    }
+
+    #[test]
     fn synthetic_is_deterministic_and_shaped() {
         let mut cfg = Gpt2Config::preset("gpt2").unwrap();
         cfg.n_layer = 1;
@@ -322,13 +402,18 @@ mod tests {
         let a = ModelWeights::synthetic(&cfg, 7);
         let b = ModelWeights::synthetic(&cfg, 7);
         let c = ModelWeights::synthetic(&cfg, 8);
-        assert!(a == b);
-        assert!(a.wte.data != c.wte.data);
+        let wte = |w: &ModelWeights| w.wte.dequantize().data;
+        assert_eq!(wte(&a), wte(&b));
+        assert_eq!(
+            a.layers[0].mlp_in.w.dequantize(),
+            b.layers[0].mlp_in.w.dequantize()
+        );
+        assert_ne!(wte(&a), wte(&c));
         assert_eq!(a.layers[0].qkv.w.rows, 3 * 768);
         assert_eq!(a.layers[0].mlp_out.w.cols, 3072);
-        let mean = a.wte.data.iter().sum::<f32>() / a.wte.data.len() as f32;
-        let var =
-            a.wte.data.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / a.wte.data.len() as f32;
+        let data = wte(&a);
+        let mean = data.iter().sum::<f32>() / data.len() as f32;
+        let var = data.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / data.len() as f32;
         assert!(
             mean.abs() < 1e-3 && (var.sqrt() - 0.02).abs() < 1e-3,
             "{mean} {var}"

@@ -1,11 +1,14 @@
-//! `y = x · Wᵀ + b` for the engine's `[out, in]` weights.
+//! `y = x · Wᵀ + b` for the engine's `[out, in]` weights, in any storage format.
 //!
 //! A few rows of `x` (decode) are memory-bound: stream each weight row once, split over the
-//! threads by output rows, and take dot products with every input row while it is in cache.
-//! Many rows (prefill) are compute-bound: hand them to the gemm crate's tiled kernels.
+//! threads by output rows, and take dot products with every input row while it is in cache
+//! (for int8/int4 weights, against activations quantized to int8 groups once per call).
+//! Many rows (prefill) are compute-bound: hand them to the gemm crate's tiled kernels; weights
+//! in a compact format are dequantized a block of rows at a time into a buffer that stays in
+//! cache, and each block is multiplied there.
 
-use super::simd;
-use crate::weights::Matrix;
+use super::{qdot, simd};
+use crate::quant::{groups, Q8Acts, QData, QMatrix, GROUP};
 use rayon::prelude::*;
 
 /// Up to this many input rows use the streaming kernel; more go to gemm.
@@ -24,7 +27,7 @@ impl OutPtr {
 }
 
 /// `out[t, j] = Σ_k x[t, k] · w[j, k] + bias[j]` for `t < rows`; `out` is `[rows, w.rows]`.
-pub fn linear(x: &[f32], rows: usize, w: &Matrix, bias: Option<&[f32]>, out: &mut [f32]) {
+pub fn linear(x: &[f32], rows: usize, w: &QMatrix, bias: Option<&[f32]>, out: &mut [f32]) {
     let (n, k) = (w.rows, w.cols);
     assert_eq!(x.len(), rows * k, "input is not [{rows}, {k}]");
     assert_eq!(out.len(), rows * n, "output is not [{rows}, {n}]");
@@ -36,13 +39,41 @@ pub fn linear(x: &[f32], rows: usize, w: &Matrix, bias: Option<&[f32]>, out: &mu
     }
     if rows <= STREAMING_MAX_ROWS {
         streaming(x, rows, w, bias, out);
+    } else if let QData::F32(data) = &w.data {
+        tiled(x, rows, data, n, k, bias, out);
     } else {
-        tiled(x, rows, w, bias, out);
+        tiled_dequantized(x, rows, w, bias, out);
     }
 }
 
-fn streaming(x: &[f32], rows: usize, w: &Matrix, bias: Option<&[f32]>, out: &mut [f32]) {
+/// `out[t] = x[t] · w[j]` for every input row `t`, in `w`'s own format.
+fn row_dots(w: &QMatrix, j: usize, xs: &[&[f32]], acts: &Q8Acts, out: &mut [f32]) {
+    let (k, g) = (w.cols, groups(w.cols));
+    match &w.data {
+        QData::F32(d) => simd::dot_rows(xs, &d[j * k..(j + 1) * k], out),
+        QData::F16(d) => qdot::dot_rows_f16(xs, &d[j * k..(j + 1) * k], out),
+        QData::Bf16(d) => qdot::dot_rows_bf16(xs, &d[j * k..(j + 1) * k], out),
+        QData::Int8 { q, scales } => qdot::dot_rows_q8(
+            acts,
+            &q[j * g * GROUP..(j + 1) * g * GROUP],
+            &scales[j * g..(j + 1) * g],
+            out,
+        ),
+        QData::Int4 { q, scales } => qdot::dot_rows_q4(
+            acts,
+            &q[j * g * GROUP / 2..(j + 1) * g * GROUP / 2],
+            &scales[j * g..(j + 1) * g],
+            out,
+        ),
+    }
+}
+
+fn streaming(x: &[f32], rows: usize, w: &QMatrix, bias: Option<&[f32]>, out: &mut [f32]) {
     let (n, k) = (w.rows, w.cols);
+    let mut acts = Q8Acts::default();
+    if w.dtype().is_integer() {
+        acts.quantize(x, rows, k);
+    }
     let threads = rayon::current_num_threads();
     // Enough blocks to balance the threads, each a multiple of 4 rows and big enough that
     // scheduling costs little next to streaming its weights.
@@ -59,7 +90,7 @@ fn streaming(x: &[f32], rows: usize, w: &Matrix, bias: Option<&[f32]>, out: &mut
         let xs: Vec<&[f32]> = x.chunks_exact(k).collect();
         let mut dots = [0f32; STREAMING_MAX_ROWS];
         for j in j0..j1 {
-            simd::dot_rows(&xs, w.row(j), &mut dots);
+            row_dots(w, j, &xs, &acts, &mut dots);
             let b = bias.map_or(0.0, |b| b[j]);
             for (t, d) in dots[..rows].iter().enumerate() {
                 // SAFETY: (t, j) is inside `out` and written by this task alone.
@@ -69,8 +100,15 @@ fn streaming(x: &[f32], rows: usize, w: &Matrix, bias: Option<&[f32]>, out: &mut
     });
 }
 
-fn tiled(x: &[f32], rows: usize, w: &Matrix, bias: Option<&[f32]>, out: &mut [f32]) {
-    let (n, k) = (w.rows, w.cols);
+fn tiled(
+    x: &[f32],
+    rows: usize,
+    w: &[f32],
+    n: usize,
+    k: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
     if let Some(b) = bias {
         for row in out.chunks_exact_mut(n) {
             row.copy_from_slice(b);
@@ -90,7 +128,7 @@ fn tiled(x: &[f32], rows: usize, w: &Matrix, bias: Option<&[f32]>, out: &mut [f3
             x.as_ptr(),
             1,
             k as isize,
-            w.data.as_ptr(),
+            w.as_ptr(),
             k as isize,
             1,
             1.0,
@@ -103,9 +141,63 @@ fn tiled(x: &[f32], rows: usize, w: &Matrix, bias: Option<&[f32]>, out: &mut [f3
     }
 }
 
+/// Weight rows dequantized per task: 64 rows of gpt2-xl's widest input (6400) are 1.6 MB of
+/// f32, the size of a core's L2 on current CPUs; narrower matrices stay well inside it.
+const DEQUANT_BLOCK: usize = 64;
+
+fn tiled_dequantized(x: &[f32], rows: usize, w: &QMatrix, bias: Option<&[f32]>, out: &mut [f32]) {
+    let (n, k) = (w.rows, w.cols);
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    (0..n.div_ceil(DEQUANT_BLOCK))
+        .into_par_iter()
+        .for_each_init(Vec::new, |buf: &mut Vec<f32>, b| {
+            let (j0, j1) = (b * DEQUANT_BLOCK, ((b + 1) * DEQUANT_BLOCK).min(n));
+            let cols = j1 - j0;
+            buf.resize(cols * k, 0.0);
+            for (j, dst) in (j0..j1).zip(buf.chunks_exact_mut(k)) {
+                qdot::dequantize_row(w, j, dst);
+            }
+            let dst = out_ptr.get();
+            if let Some(b) = bias {
+                for t in 0..rows {
+                    // SAFETY: columns j0..j1 of every output row belong to this task alone.
+                    let row = unsafe { std::slice::from_raw_parts_mut(dst.add(t * n + j0), cols) };
+                    row.copy_from_slice(&b[j0..j1]);
+                }
+            }
+            // SAFETY: dst is out[:, j0..j1] (row stride n), lhs = x [rows, k] row-major,
+            // rhs = bufᵀ, i.e. element (kk, j) at buf[j*k + kk]; this task alone writes dst.
+            unsafe {
+                gemm::gemm(
+                    rows,
+                    cols,
+                    k,
+                    dst.add(j0),
+                    1,
+                    n as isize,
+                    bias.is_some(),
+                    x.as_ptr(),
+                    1,
+                    k as isize,
+                    buf.as_ptr(),
+                    k as isize,
+                    1,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quant::DType;
+    use crate::weights::Matrix;
 
     fn reference(x: &[f32], rows: usize, w: &Matrix, bias: Option<&[f32]>) -> Vec<f64> {
         let mut out = vec![0f64; rows * w.rows];
@@ -127,8 +219,23 @@ mod tests {
             .collect()
     }
 
+    /// What the kernels see of `x`: int8 groups on the streaming path of the integer formats.
+    fn seen_input(x: &[f32], rows: usize, k: usize, dtype: DType) -> Vec<f32> {
+        if !(dtype.is_integer() && rows <= STREAMING_MAX_ROWS) {
+            return x.to_vec();
+        }
+        let mut a = Q8Acts::default();
+        a.quantize(x, rows, k);
+        (0..rows * k)
+            .map(|i| {
+                let (t, kk) = (i / k, i % k);
+                a.row_q(t)[kk] as f32 * a.row_scales(t)[kk / GROUP]
+            })
+            .collect()
+    }
+
     #[test]
-    fn both_paths_match_reference_on_awkward_shapes() {
+    fn every_format_and_path_matches_the_reference_on_awkward_shapes() {
         // (rows, out, in): odd sizes, gpt2-xl's 1600 width, and both sides of the path switch.
         for &(rows, n, k) in &[
             (1, 1, 1),
@@ -138,6 +245,7 @@ mod tests {
             (9, 130, 65),
             (17, 75, 1600),
             (33, 4800, 31),
+            (40, 130, 97),
         ] {
             let x = values(rows * k, 1);
             let w = Matrix {
@@ -146,16 +254,21 @@ mod tests {
                 data: values(n * k, 2),
             };
             let b = values(n, 3);
-            for bias in [None, Some(b.as_slice())] {
-                let mut out = vec![f32::NAN; rows * n];
-                linear(&x, rows, &w, bias, &mut out);
-                let want = reference(&x, rows, &w, bias);
-                for (i, (a, e)) in out.iter().zip(&want).enumerate() {
-                    assert!(
-                        (*a as f64 - e).abs() < 1e-4 * (1.0 + e.abs()),
-                        "rows={rows} n={n} k={k} bias={} at {i}: {a} vs {e}",
-                        bias.is_some()
-                    );
+            for dtype in DType::ALL {
+                let q = QMatrix::quantize(&w, dtype);
+                let wd = q.dequantize();
+                let xd = seen_input(&x, rows, k, dtype);
+                for bias in [None, Some(b.as_slice())] {
+                    let mut out = vec![f32::NAN; rows * n];
+                    linear(&x, rows, &q, bias, &mut out);
+                    let want = reference(&xd, rows, &wd, bias);
+                    for (i, (a, e)) in out.iter().zip(&want).enumerate() {
+                        assert!(
+                            (*a as f64 - e).abs() < 1e-4 * (1.0 + e.abs()),
+                            "{dtype} rows={rows} n={n} k={k} bias={} at {i}: {a} vs {e}",
+                            bias.is_some()
+                        );
+                    }
                 }
             }
         }

@@ -1,9 +1,11 @@
-//! The CPU backend: the whole GPT-2 forward pass in f32, vectorized (AVX2+FMA chosen at run
+//! The CPU backend: the whole GPT-2 forward pass (f32 activations; weights in any format of
+//! `crate::quant`), vectorized (AVX2+FMA chosen at run
 //! time on x86-64, NEON on aarch64) and spread over all cores with rayon.
 
 mod attention;
 mod kv_cache;
 pub mod matmul;
+pub mod qdot;
 pub mod roofline;
 pub mod simd;
 
@@ -16,7 +18,7 @@ use kv_cache::SeqCache;
 use rayon::prelude::*;
 use std::collections::HashMap;
 
-/// GPT-2 on the CPU in f32.
+/// GPT-2 on the CPU.
 pub struct CpuEngine {
     w: ModelWeights,
     seqs: HashMap<SeqId, SeqCache>,
@@ -86,7 +88,8 @@ impl Engine for CpuEngine {
 
     fn describe(&self) -> String {
         format!(
-            "cpu f32 ({}, {} threads)",
+            "cpu {} ({}, {} threads)",
+            self.w.format.label(),
             simd::isa_name(),
             rayon::current_num_threads()
         )
@@ -140,7 +143,7 @@ impl Engine for CpuEngine {
         let mut x = vec![0f32; rows * c];
         let tokens = batch.iter().flat_map(|e| e.tokens.iter());
         for ((xr, &tok), &pos) in x.chunks_exact_mut(c).zip(tokens).zip(&row_pos) {
-            xr.copy_from_slice(self.w.wte.row(tok as usize));
+            self.w.wte.dequantize_row(tok as usize, xr);
             simd::add_assign(xr, self.w.wpe.row(pos));
         }
 

@@ -2,6 +2,7 @@
 //! limit) and how fast they multiply-add (prefill's limit).
 
 use super::{matmul, simd};
+use crate::quant::{DType, QMatrix};
 use crate::weights::Matrix;
 use rayon::prelude::*;
 use std::time::Instant;
@@ -47,11 +48,14 @@ pub fn fma_peak(reps: usize) -> f64 {
 
 /// f32 matrix-multiply rate of the engine's own GEMM path on `n`×`n`×`n`, in FLOP/s.
 pub fn gemm_rate(n: usize, reps: usize) -> f64 {
-    let w = Matrix {
-        rows: n,
-        cols: n,
-        data: (0..n * n).map(|i| (i % 7) as f32 * 0.1).collect(),
-    };
+    let w = QMatrix::from_matrix(
+        Matrix {
+            rows: n,
+            cols: n,
+            data: (0..n * n).map(|i| (i % 7) as f32 * 0.1).collect(),
+        },
+        DType::F32,
+    );
     let x: Vec<f32> = (0..n * n).map(|i| (i % 5) as f32 * 0.1).collect();
     let mut out = vec![0f32; n * n];
     let pass = |out: &mut [f32]| {
