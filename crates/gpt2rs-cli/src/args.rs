@@ -26,6 +26,8 @@ pub enum Command {
     Score(ScoreArgs),
     /// Show a model's configuration, size and memory needs.
     Info(InfoArgs),
+    /// Convert a model's weights to a smaller format and save them, ready to load in place.
+    Quantize(QuantizeArgs),
     /// Measure prefill and decode speed across models, precisions and batch sizes, held
     /// against this machine's memory bandwidth and FLOP/s.
     Bench(BenchArgs),
@@ -44,6 +46,14 @@ pub struct ModelArgs {
     /// Seed of the synthetic weights.
     #[arg(long, default_value_t = 0)]
     pub weights_seed: u64,
+    /// How weight matrices are stored in memory: f32 | f16 | bf16 | int8 | int4 (int8/int4:
+    /// groups of 32 inputs with an f16 scale each), converted at load. Default: f32, or the
+    /// format a `gpt2rs quantize` checkpoint was saved in.
+    #[arg(long, value_name = "PRECISION")]
+    pub dtype: Option<String>,
+    /// Keep the LM head (and the token embedding tied to it) in f32 when --dtype is smaller.
+    #[arg(long)]
+    pub f32_lm_head: bool,
 }
 
 #[derive(Args, Debug)]
@@ -110,9 +120,26 @@ pub struct ScoreArgs {
     /// How far each window moves (default: half the window).
     #[arg(long)]
     pub stride: Option<usize>,
+    /// Also run the model in this precision (usually f32) and report how far --dtype's
+    /// next-token distributions are from it: mean and max KL divergence, top-1 agreement,
+    /// and both perplexities.
+    #[arg(long, value_name = "PRECISION")]
+    pub against: Option<String>,
     /// Print JSON with per-token log-probabilities.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct QuantizeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Directory to write (config.json, model.safetensors, the tokenizer).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Replace files already in --out.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Args, Debug)]
@@ -134,8 +161,7 @@ pub struct BenchArgs {
     /// directories, cached hub repositories and synthetic:CONFIG.json also work. Never downloads.
     #[arg(long, value_delimiter = ',')]
     pub models: Vec<String>,
-    /// Weight precisions, comma-separated: f32, f16, bf16, int8, int4 (default: every one the
-    /// engine has; the others are listed as not implemented).
+    /// Weight precisions, comma-separated: f32, f16, bf16, int8, int4 (default: all of them).
     #[arg(long, value_delimiter = ',')]
     pub dtypes: Vec<String>,
     /// Batch sizes, comma-separated (default 1; --full: 1,8,32).

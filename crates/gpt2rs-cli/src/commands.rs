@@ -1,6 +1,6 @@
 //! The subcommands: thin layers over the library.
 
-use crate::args::{GenerateArgs, InfoArgs, ModelArgs, ScoreArgs};
+use crate::args::{GenerateArgs, InfoArgs, ModelArgs, QuantizeArgs, ScoreArgs};
 use anyhow::{bail, Context, Result};
 use gpt2rs::checkpoint::Checkpoint;
 use gpt2rs::config::Gpt2Config;
@@ -10,6 +10,7 @@ use gpt2rs::generate::{self, GenerationConfig, SamplingParams};
 use gpt2rs::hub::{FetchOptions, ModelSpec};
 use gpt2rs::memory::{self, Bytes};
 use gpt2rs::model::{self, LoadedModel};
+use gpt2rs::quant::{saved, DType, WeightFormat};
 use std::io::{IsTerminal, Write};
 use std::time::Instant;
 
@@ -21,21 +22,40 @@ fn model_spec(args: &ModelArgs) -> Result<ModelSpec> {
     })
 }
 
+/// The weight format asked for with --dtype / --f32-lm-head (None: the loader's default).
+fn weight_format(args: &ModelArgs) -> Result<Option<WeightFormat>> {
+    match (&args.dtype, args.f32_lm_head) {
+        (None, false) => Ok(None),
+        (None, true) => bail!("--f32-lm-head goes with --dtype f16|bf16|int8|int4"),
+        (Some(d), keep) => Ok(Some(WeightFormat {
+            dtype: DType::parse(d)?,
+            quantize_lm_head: !keep,
+        })),
+    }
+}
+
 /// Loads the model and says on stderr what was loaded (loudly, when the weights are random).
 fn load(args: &ModelArgs) -> Result<LoadedModel> {
+    load_in(args, weight_format(args)?)
+}
+
+/// [`load`] in a given weight format.
+fn load_in(args: &ModelArgs, format: Option<WeightFormat>) -> Result<LoadedModel> {
     let spec = model_spec(args)?;
     let start = Instant::now();
     let fetch = FetchOptions {
         progress: std::io::stderr().is_terminal(),
         config_only: false,
     };
-    let m = model::load(&spec, args.weights_seed, &fetch)?;
+    let m = model::load_as(&spec, args.weights_seed, &fetch, format)?;
     eprintln!(
-        "model: {} [{} layers, {} wide, {} params] loaded in {:.2} s",
+        "model: {} [{} layers, {} wide, {} params; {} weights, {}] loaded in {:.2} s",
         m.source,
         m.weights.config.n_layer,
         m.weights.config.n_embd,
         millions(m.weights.config.param_count()),
+        m.weights.format.label(),
+        Bytes(m.weights.bytes()),
         start.elapsed().as_secs_f64()
     );
     if m.synthetic {
@@ -184,16 +204,44 @@ pub fn score(a: ScoreArgs) -> Result<()> {
     let text = std::fs::read_to_string(&a.text_file)
         .with_context(|| format!("cannot read {}", a.text_file.display()))?;
     let m = load(&a.model)?;
+    let format = m.weights.format;
     let ids = m.tokenizer.encode(&text)?;
     let mut engine = CpuEngine::new(m.weights);
     let start = Instant::now();
     let report = gpt2rs::score::score(&mut engine, &ids, a.max_length, a.stride)?;
     let secs = start.elapsed().as_secs_f64();
+    // The same model in the reference precision, for the quality cost of --dtype.
+    let against = match &a.against {
+        Some(d) => {
+            let reference = load_in(&a.model, Some(WeightFormat::new(DType::parse(d)?)))?;
+            let label = reference.weights.format.label();
+            let mut reference = CpuEngine::new(reference.weights);
+            let ref_report = gpt2rs::score::score(&mut reference, &ids, a.max_length, a.stride)?;
+            let div = gpt2rs::score::divergence(
+                &mut engine,
+                &mut reference,
+                &ids,
+                a.max_length,
+                a.stride,
+            )?;
+            Some((label, ref_report, div))
+        }
+        None => None,
+    };
     if a.json {
         let mut obj = serde_json::to_value(&report)?;
         obj["model"] = m.source.clone().into();
         obj["synthetic"] = m.synthetic.into();
+        obj["weights"] = format.label().into();
         obj["seconds"] = secs.into();
+        if let Some((label, r, div)) = &against {
+            obj["against"] = serde_json::json!({
+                "weights": label,
+                "mean_nll": r.mean_nll,
+                "perplexity": r.perplexity,
+                "divergence": div,
+            });
+        }
         println!("{}", serde_json::to_string_pretty(&obj)?);
     } else {
         println!(
@@ -212,7 +260,71 @@ pub fn score(a: ScoreArgs) -> Result<()> {
             "             ({:.4} as the perplexity guide's code weights windows)",
             report.guide_perplexity
         );
+        println!("weights:     {}", format.label());
         println!("time:        {:.2} s", secs);
+        if let Some((label, r, div)) = &against {
+            println!("against {label}:");
+            println!(
+                "  perplexity:      {:.4} ({label}) vs {:.4} ({}): {:+.2}%",
+                r.perplexity,
+                report.perplexity,
+                format.label(),
+                (report.perplexity / r.perplexity - 1.0) * 100.0
+            );
+            println!(
+                "  KL divergence:   mean {:.3e} nats, max {:.3e} over {} positions",
+                div.mean_kl, div.max_kl, div.positions
+            );
+            println!("  top-1 agreement: {:.2}%", div.top1_agreement * 100.0);
+        }
+    }
+    Ok(())
+}
+
+pub fn quantize(a: QuantizeArgs) -> Result<()> {
+    let Some(format) = weight_format(&a.model)? else {
+        bail!("say which format to save with --dtype f16|bf16|int8|int4");
+    };
+    let spec = model_spec(&a.model)?;
+    if let ModelSpec::Dir(dir) = &spec {
+        if dir.canonicalize().ok() == a.out.canonicalize().ok() {
+            bail!("--out must not be the model's own directory");
+        }
+    }
+    if a.out.join("model.safetensors").exists() && !a.force {
+        bail!(
+            "{} already holds a model: choose another --out, or pass --force to replace it",
+            a.out.display()
+        );
+    }
+    let m = load_in(&a.model, Some(format))?;
+    let start = Instant::now();
+    saved::save(&m.weights, &a.out)?;
+    // The tokenizer travels with the weights: the checkpoint's own, or GPT-2's.
+    let source_tokenizer = match &spec {
+        ModelSpec::Dir(dir) => Some(dir.join("tokenizer.json")),
+        ModelSpec::Hub { repo, revision } => {
+            gpt2rs::hub::cached_snapshot(repo, revision).map(|d| d.join("tokenizer.json"))
+        }
+        ModelSpec::Synthetic { .. } => None,
+    };
+    let dest = a.out.join("tokenizer.json");
+    match source_tokenizer.filter(|p| p.is_file()) {
+        Some(src) => std::fs::copy(&src, &dest).map(|_| ()),
+        None => std::fs::write(&dest, gpt2rs::tokenizer::GPT2_TOKENIZER_JSON),
+    }
+    .with_context(|| format!("cannot write {}", dest.display()))?;
+    let file_bytes = std::fs::metadata(a.out.join("model.safetensors"))?.len();
+    println!(
+        "wrote {} ({} weights, {} on disk) in {:.1} s; load it with --model {}",
+        a.out.display(),
+        m.weights.format.label(),
+        Bytes(file_bytes),
+        start.elapsed().as_secs_f64(),
+        a.out.display()
+    );
+    if m.synthetic {
+        println!("note: these are SYNTHETIC (random) weights");
     }
     Ok(())
 }
@@ -279,42 +391,32 @@ pub fn info(a: InfoArgs) -> Result<()> {
         },
         c.activation
     );
-    let params = c.param_count() as f64;
     let kv_tokens = (context * a.batch) as u64;
+    // The engine keeps the KV cache in f32 whatever the weights are.
+    let kv = c.kv_bytes_per_token(4) * kv_tokens;
     println!(
-        "memory for a context of {context} tokens x {} sequence(s):",
-        a.batch
+        "memory for a context of {context} tokens x {} sequence(s) (KV cache in f32: {}):",
+        a.batch,
+        Bytes(kv)
     );
-    println!(
-        "  {:<10} {:>12} {:>12} {:>12}  status",
-        "precision", "weights", "KV cache", "total"
-    );
-    let rows = [
-        ("f32", params * 4.0, 4, "supported"),
-        ("f16/bf16", params * 2.0, 2, "planned, not yet in gpt2rs"),
-        (
-            "int8",
-            params * 1.0 + (c.n_layer * 12 * c.n_embd) as f64 * 2.0,
-            2,
-            "planned, not yet in gpt2rs",
-        ),
-        (
-            "int4 g32",
-            params * (0.5 + 2.0 / 32.0),
-            2,
-            "planned, not yet in gpt2rs",
-        ),
-    ];
-    for (name, weights, kv_bytes, status) in rows {
-        let kv = c.kv_bytes_per_token(kv_bytes) * kv_tokens;
-        println!(
-            "  {:<10} {:>12} {:>12} {:>12}  {}",
-            name,
-            Bytes(weights as u64).to_string(),
-            Bytes(kv).to_string(),
-            Bytes(weights as u64 + kv).to_string(),
-            status
-        );
+    println!("  {:<22} {:>12} {:>12}", "weights", "weights", "total");
+    for dtype in DType::ALL {
+        for quantize_lm_head in [true, false] {
+            let f = WeightFormat {
+                dtype,
+                quantize_lm_head,
+            };
+            if dtype == DType::F32 && !quantize_lm_head {
+                continue;
+            }
+            let w = f.model_bytes(c);
+            println!(
+                "  {:<22} {:>12} {:>12}",
+                f.label(),
+                Bytes(w).to_string(),
+                Bytes(w + kv).to_string()
+            );
+        }
     }
     match memory::available() {
         Some(b) => println!("available:    {b} of memory on this machine now"),
@@ -324,6 +426,14 @@ pub fn info(a: InfoArgs) -> Result<()> {
 }
 
 fn describe_files(ckpt: &Checkpoint) -> String {
+    let what = match saved::saved_format(ckpt) {
+        Ok(Some(f)) => format!("gpt2rs {} weights", f.label()),
+        Ok(None) => ckpt
+            .stored_dtype()
+            .map(|d| format!("{d:?}"))
+            .unwrap_or_else(|| "?".into()),
+        Err(e) => format!("unreadable gpt2rs metadata ({e})"),
+    };
     let files: Vec<_> = ckpt.files().collect();
     let bytes: u64 = files
         .iter()
@@ -331,10 +441,7 @@ fn describe_files(ckpt: &Checkpoint) -> String {
         .map(|m| m.len())
         .sum();
     format!(
-        "{} in {} safetensors file(s), {}",
-        ckpt.stored_dtype()
-            .map(|d| format!("{d:?}"))
-            .unwrap_or_else(|| "?".into()),
+        "{what} in {} safetensors file(s), {}",
         files.len(),
         Bytes(bytes)
     )
@@ -354,11 +461,14 @@ pub fn bench(a: crate::args::BenchArgs) -> Result<()> {
             bail!("--compare knows only 'transformers', got '{engine}'");
         }
     }
-    for d in &a.dtypes {
-        if !sweep::DTYPES.contains(&d.as_str()) {
-            bail!("unknown dtype '{d}': use {}", sweep::DTYPES.join(", "));
-        }
-    }
+    let dtypes = if a.dtypes.is_empty() {
+        DType::ALL.to_vec()
+    } else {
+        a.dtypes
+            .iter()
+            .map(|d| DType::parse(d))
+            .collect::<gpt2rs::Result<Vec<_>>>()?
+    };
     if a.reps == 0 || a.batch.contains(&0) {
         bail!("--reps and --batch must be at least 1");
     }
@@ -401,11 +511,7 @@ pub fn bench(a: crate::args::BenchArgs) -> Result<()> {
     };
     let plan = sweep::Plan {
         models,
-        dtypes: if a.dtypes.is_empty() {
-            sweep::SUPPORTED.iter().map(|s| s.to_string()).collect()
-        } else {
-            a.dtypes.clone()
-        },
+        dtypes,
         batches: or(&a.batch, &[1], &[1, 8, 32]),
         prompt_lens: or(&a.prompt_len, &[32], &[32, 128, 512]),
         new_tokens: a.new_tokens.unwrap_or(if a.full { 64 } else { 16 }),
@@ -423,21 +529,10 @@ pub fn bench(a: crate::args::BenchArgs) -> Result<()> {
         );
     }
     notes.push(format!(
-        "decode roofline: f32 weight bytes + KV cache read per step / {:.1} GB/s measured read bandwidth; \
+        "decode roofline: weight bytes (in the row's format) + KV cache read per step / {:.1} GB/s measured read bandwidth; \
          prefill roofline: 2 FLOPs per non-embedding weight per token / {:.1} GFLOP/s measured FMA peak",
         hw.mem_read_gbs, hw.f32_fma_peak_gflops
     ));
-    let missing: Vec<&str> = sweep::DTYPES
-        .iter()
-        .filter(|d| !sweep::SUPPORTED.contains(d))
-        .copied()
-        .collect();
-    if a.dtypes.is_empty() && !missing.is_empty() {
-        notes.push(format!(
-            "not measured: {} weights are not implemented in the CPU engine yet",
-            missing.join(", ")
-        ));
-    }
     if hw.gpus.iter().any(|g| !g.usable) {
         notes.push("GPUs were found, but this build has no GPU backend yet: their bandwidth and speed are not measured".into());
     }

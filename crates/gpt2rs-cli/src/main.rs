@@ -21,6 +21,7 @@ fn main() {
         args::Command::Generate(a) => commands::generate(a),
         args::Command::Score(a) => commands::score(a),
         args::Command::Info(a) => commands::info(a),
+        args::Command::Quantize(a) => commands::quantize(a),
         args::Command::Bench(a) => commands::bench(a),
     };
     if let Err(e) = result {

@@ -315,18 +315,23 @@ fn bench_measures_each_row_and_lists_what_it_skipped() {
     let rows = report["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 4, "{rows:?}");
     let measured: Vec<&Value> = rows.iter().filter(|r| r["skipped"].is_null()).collect();
-    assert_eq!(measured.len(), 1, "only f32 with the 5-token prompt runs");
-    let row = measured[0];
-    assert_eq!(row["synthetic"], false);
-    assert_eq!(row["decode_tok_s"]["n"], 2);
-    assert!(row["decode_tok_s"]["median"].as_f64().unwrap() > 0.0);
-    assert!(row["prefill_tok_s"]["median"].as_f64().unwrap() > 0.0);
-    assert!(row["decode_roofline"].as_f64().unwrap() > 0.0);
+    assert_eq!(
+        measured.len(),
+        2,
+        "the 5-token prompt runs in both precisions"
+    );
+    for (row, dtype) in measured.iter().zip(["f32", "int8"]) {
+        assert_eq!(row["dtype"], dtype);
+        assert_eq!(row["synthetic"], false);
+        assert_eq!(row["decode_tok_s"]["n"], 2);
+        assert!(row["decode_tok_s"]["median"].as_f64().unwrap() > 0.0);
+        assert!(row["prefill_tok_s"]["median"].as_f64().unwrap() > 0.0);
+        assert!(row["decode_roofline"].as_f64().unwrap() > 0.0);
+    }
+    assert!(measured[1]["weight_bytes"].as_u64() < measured[0]["weight_bytes"].as_u64());
     let reasons: Vec<&str> = rows.iter().filter_map(|r| r["skipped"].as_str()).collect();
-    assert!(reasons
-        .iter()
-        .any(|r| r.contains("int8") && r.contains("not implemented")));
-    assert!(reasons.iter().any(|r| r.contains("context")));
+    assert_eq!(reasons.len(), 2);
+    assert!(reasons.iter().all(|r| r.contains("context")));
 
     let csv = ok(&[
         "bench",
@@ -338,9 +343,56 @@ fn bench_measures_each_row_and_lists_what_it_skipped() {
         "2",
         "--reps",
         "1",
+        "--dtypes",
+        "int4",
         "--csv",
     ]);
     assert_eq!(csv.lines().count(), 2, "header and one row: {csv}");
-    fails(&["bench", "--dtypes", "f8"], "unknown dtype");
+    fails(&["bench", "--dtypes", "f8"], "unknown weight precision");
     fails(&["bench", "--models", "no-such-owner/no-such-model"], "");
+}
+
+#[test]
+fn quantized_checkpoints_load_in_place_and_say_what_they_are() {
+    let m = model();
+    let out = std::env::temp_dir().join(format!("gpt2rs-cli-quantize-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let dir = out.display().to_string();
+    fails(&["quantize", "-m", &m, "--out", &dir], "--dtype");
+    ok(&["quantize", "-m", &m, "--dtype", "int8", "--out", &dir]);
+    fails(
+        &["quantize", "-m", &m, "--dtype", "int8", "--out", &dir],
+        "--force",
+    );
+    assert!(ok(&["info", "-m", &dir]).contains("gpt2rs int8"));
+
+    // The saved checkpoint gives exactly what converting at load gives.
+    let greedy = |args: &[&str]| -> Value {
+        let mut a = vec!["generate", "-p", "Hello there", "-n", "12", "--json"];
+        a.extend_from_slice(args);
+        json_lines(&ok(&a))[0]["tokens"].clone()
+    };
+    assert_eq!(
+        greedy(&["-m", &dir]),
+        greedy(&["-m", &m, "--dtype", "int8"])
+    );
+    fails(
+        &["generate", "-m", &dir, "--dtype", "int4"],
+        "cannot be converted",
+    );
+    fails(&["generate", "-m", &m, "--f32-lm-head"], "--dtype");
+
+    // Quality against f32 on the same windows.
+    let text = fixtures().join("text/sample.txt").display().to_string();
+    let score = |dtype: &str| -> Value {
+        let a = ["score", "-m", &m, "--text-file", &text, "--dtype", dtype];
+        let out = ok(&[&a[..], &["--against", "f32", "--json"]].concat());
+        serde_json::from_str(&out).unwrap()
+    };
+    let (f16, int4) = (score("f16"), score("int4"));
+    let div = |v: &Value, k: &str| v["against"]["divergence"][k].as_f64().unwrap();
+    assert!(div(&f16, "mean_kl") < div(&int4, "mean_kl"), "{f16} {int4}");
+    assert!(div(&f16, "top1_agreement") > 0.95, "{f16}");
+    assert_eq!(f16["weights"], "f16");
+    std::fs::remove_dir_all(&out).unwrap();
 }

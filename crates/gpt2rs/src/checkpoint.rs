@@ -8,6 +8,7 @@ use safetensors::{Dtype, SafeTensors};
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Element types gpt2rs reads from checkpoints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,8 +87,20 @@ impl TensorRef<'_> {
 pub struct Checkpoint {
     pub dir: PathBuf,
     pub config: Gpt2Config,
-    files: Vec<(PathBuf, Mmap)>,
+    files: Vec<(PathBuf, Arc<Mmap>)>,
     tensors: HashMap<String, TensorEntry>,
+    /// The `__metadata__` strings of the (first) safetensors file.
+    metadata: HashMap<String, String>,
+}
+
+/// A tensor of any element type, as a byte range of its mapped file (for formats that are used
+/// in place, such as gpt2rs's saved quantized checkpoints).
+pub struct RawTensor<'a> {
+    pub dtype: Dtype,
+    pub shape: &'a [usize],
+    pub map: &'a Arc<Mmap>,
+    pub offset: usize,
+    pub len: usize,
 }
 
 impl Checkpoint {
@@ -104,6 +117,7 @@ impl Checkpoint {
         let weight_files = find_weight_files(dir)?;
         let mut files = Vec::new();
         let mut tensors = HashMap::new();
+        let mut metadata = HashMap::new();
         for path in weight_files {
             let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
             // SAFETY: the map is read-only; a checkpoint changed on disk while we run is the
@@ -117,6 +131,9 @@ impl Checkpoint {
                          delete it and download it again"
                     ),
                 })?;
+            if files.is_empty() {
+                metadata = meta.metadata().clone().unwrap_or_default();
+            }
             let data_start = 8 + header_len;
             for (name, info) in meta.tensors() {
                 let (s, e) = info.data_offsets;
@@ -131,13 +148,14 @@ impl Checkpoint {
                     },
                 );
             }
-            files.push((path, map));
+            files.push((path, Arc::new(map)));
         }
         Ok(Self {
             dir: dir.to_path_buf(),
             config,
             files,
             tensors,
+            metadata,
         })
     }
 
@@ -170,6 +188,26 @@ impl Checkpoint {
             shape: &entry.shape,
             bytes: &map[entry.start..entry.end],
         })
+    }
+
+    /// The tensor called `name` as raw bytes of any element type.
+    pub fn raw(&self, name: &str) -> Result<RawTensor<'_>> {
+        let entry = self.tensors.get(name).ok_or_else(|| Error::BadCheckpoint {
+            path: self.dir.clone(),
+            reason: format!("tensor '{name}' is missing"),
+        })?;
+        Ok(RawTensor {
+            dtype: entry.dtype,
+            shape: &entry.shape,
+            map: &self.files[entry.file].1,
+            offset: entry.start,
+            len: entry.end - entry.start,
+        })
+    }
+
+    /// A `__metadata__` value of the safetensors file.
+    pub fn metadata(&self, key: &str) -> Option<&str> {
+        self.metadata.get(key).map(String::as_str)
     }
 
     /// All tensor names, sorted.
@@ -360,28 +398,7 @@ pub fn write_hf_checkpoint(
         path: path.clone(),
         reason: format!("cannot write: {e}"),
     })?;
-    let act = match cfg.activation {
-        crate::config::Activation::GeluTanh => "gelu_new",
-        crate::config::Activation::GeluErf => "gelu",
-        crate::config::Activation::Relu => "relu",
-    };
-    let config = serde_json::json!({
-        "model_type": "gpt2",
-        "architectures": ["GPT2LMHeadModel"],
-        "vocab_size": cfg.vocab_size,
-        "n_positions": cfg.n_positions,
-        "n_embd": cfg.n_embd,
-        "n_layer": cfg.n_layer,
-        "n_head": cfg.n_head,
-        "n_inner": cfg.n_inner,
-        "activation_function": act,
-        "layer_norm_epsilon": cfg.layer_norm_epsilon,
-        "scale_attn_weights": cfg.scale_attn_weights,
-        "scale_attn_by_inverse_layer_idx": cfg.scale_attn_by_inverse_layer_idx,
-        "tie_word_embeddings": cfg.tie_word_embeddings,
-        "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": cfg.eos_token_id,
-    });
+    let config = cfg.to_hf_json();
     let cpath = dir.join("config.json");
     std::fs::write(&cpath, serde_json::to_string_pretty(&config).expect("json"))
         .map_err(|e| Error::io(&cpath, e))

@@ -107,6 +107,32 @@ impl Gpt2Config {
         PRESETS.iter().map(|p| p.0).collect()
     }
 
+    /// The Hugging Face `config.json` of this configuration.
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        let act = match self.activation {
+            Activation::GeluTanh => "gelu_new",
+            Activation::GeluErf => "gelu",
+            Activation::Relu => "relu",
+        };
+        serde_json::json!({
+            "model_type": "gpt2",
+            "architectures": ["GPT2LMHeadModel"],
+            "vocab_size": self.vocab_size,
+            "n_positions": self.n_positions,
+            "n_embd": self.n_embd,
+            "n_layer": self.n_layer,
+            "n_head": self.n_head,
+            "n_inner": self.n_inner,
+            "activation_function": act,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "scale_attn_weights": self.scale_attn_weights,
+            "scale_attn_by_inverse_layer_idx": self.scale_attn_by_inverse_layer_idx,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+        })
+    }
+
     /// Reads and checks a Hugging Face `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| {

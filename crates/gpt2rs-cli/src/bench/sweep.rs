@@ -9,19 +9,16 @@ use gpt2rs::generate::{generate, GenerationConfig};
 use gpt2rs::hub::{self, ModelSpec};
 use gpt2rs::memory::Bytes;
 use gpt2rs::model;
+use gpt2rs::quant::{DType, WeightFormat};
 use gpt2rs::tokenizer::Tokenizer;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::{Rng, SeedableRng};
-
-/// Weight formats the bench knows by name; only those in `SUPPORTED` run today.
-pub const DTYPES: &[&str] = &["f32", "f16", "bf16", "int8", "int4"];
-pub const SUPPORTED: &[&str] = &["f32"];
 
 /// What to measure.
 #[derive(Debug)]
 pub struct Plan {
     pub models: Vec<BenchModel>,
-    pub dtypes: Vec<String>,
+    pub dtypes: Vec<DType>,
     pub batches: Vec<usize>,
     pub prompt_lens: Vec<usize>,
     pub new_tokens: usize,
@@ -50,165 +47,120 @@ pub fn run(plan: &Plan, hw: &Hardware) -> Vec<Row> {
             .expect("valid template"),
     );
     for m in &plan.models {
-        let (name, config, synthetic) = (&m.name, &m.config, m.synthetic);
-        let configs: Vec<(String, usize, usize)> = plan
-            .dtypes
-            .iter()
-            .flat_map(|d| {
-                plan.batches
-                    .iter()
-                    .flat_map(move |&b| plan.prompt_lens.iter().map(move |&p| (d.clone(), b, p)))
-            })
-            .collect();
-        let skip = |reason: String, rows: &mut Vec<Row>, dtype: &str, batch, prompt| {
-            let mut r = empty_row(
-                name,
-                config,
-                dtype,
-                batch,
-                prompt,
-                plan.new_tokens,
-                synthetic,
-            );
-            r.skipped = Some(reason);
-            rows.push(r);
-        };
-        // Precisions the engine does not have yet are listed, not silently dropped.
-        let mut runnable = Vec::new();
-        for (dtype, batch, prompt) in configs {
-            if SUPPORTED.contains(&dtype.as_str()) {
-                runnable.push((dtype, batch, prompt));
-            } else {
-                skip(
-                    format!("{dtype} weights are not implemented in the CPU engine yet"),
-                    &mut rows,
-                    &dtype,
-                    batch,
-                    prompt,
-                );
-                bar.inc(1);
-            }
-        }
-        if runnable.is_empty() {
-            continue;
-        }
-        // Fit check before building anything: weights plus the largest KV cache of the plan.
-        let max_ctx = runnable
-            .iter()
-            .map(|(_, b, p)| b * (p + plan.new_tokens))
-            .max()
-            .unwrap_or(0);
-        let needed =
-            model::f32_weight_bytes(config).0 + config.kv_bytes_per_token(4) * max_ctx as u64;
-        if let Some(avail) = hw.ram_available_bytes {
-            if needed > avail {
-                for (dtype, batch, prompt) in runnable {
-                    skip(
-                        format!(
-                            "needs {} of memory, {} available",
-                            Bytes(needed),
-                            Bytes(avail)
-                        ),
-                        &mut rows,
-                        &dtype,
-                        batch,
-                        prompt,
-                    );
-                    bar.inc(1);
-                }
-                continue;
-            }
-        }
-        bar.set_message(format!("loading {name}"));
-        reset_peak_memory();
-        let loaded = match model::load(&m.spec, 0, &hub::FetchOptions::default()) {
-            Ok(m) => m,
-            Err(e) => {
-                for (dtype, batch, prompt) in runnable {
-                    skip(
-                        format!("cannot load: {e}"),
-                        &mut rows,
-                        &dtype,
-                        batch,
-                        prompt,
-                    );
-                    bar.inc(1);
-                }
-                continue;
-            }
-        };
-        let tokenizer = loaded.tokenizer;
-        let mut engine = CpuEngine::new(loaded.weights);
-        for (dtype, batch, prompt) in runnable {
-            if prompt + plan.new_tokens > config.n_positions || prompt == 0 {
-                skip(
-                    format!(
-                        "prompt {prompt} + {} new tokens do not fit the context of {}",
-                        plan.new_tokens, config.n_positions
-                    ),
-                    &mut rows,
-                    &dtype,
-                    batch,
-                    prompt,
-                );
-                bar.inc(1);
-                continue;
-            }
-            bar.set_message(format!("{name} {dtype} batch {batch} prompt {prompt}"));
-            let mut row = empty_row(
-                name,
-                config,
-                &dtype,
-                batch,
-                prompt,
-                plan.new_tokens,
-                synthetic,
-            );
-            match measure(
-                &mut engine,
-                &tokenizer,
-                config,
-                batch,
-                prompt,
-                plan.new_tokens,
-                plan.reps,
-            ) {
-                Ok(m) => fill(&mut row, m, config, hw),
-                Err(e) => row.skipped = Some(format!("failed: {e}")),
-            }
-            row.peak_memory_bytes = peak_memory();
-            if let (Some(t), None) = (&theirs, &row.skipped) {
-                bar.set_message(format!(
-                    "{name} batch {batch} prompt {prompt} through transformers"
-                ));
-                // The same weights: the preset's shape at random, or the same directory.
-                let theirs_model = match &m.spec {
-                    ModelSpec::Dir(dir) => dir.display().to_string(),
-                    _ => name.clone(),
-                };
-                let mut c = t.run(
-                    &theirs_model,
-                    batch,
-                    prompt,
-                    plan.new_tokens,
-                    hw.threads,
-                    plan.reps,
-                );
-                let ours = |s: &Option<Stat>| s.map(|s| s.median);
-                c.decode_speedup = ours(&row.decode_tok_s)
-                    .zip(c.decode_tok_s)
-                    .map(|(a, b)| a / b);
-                c.prefill_speedup = ours(&row.prefill_tok_s)
-                    .zip(c.prefill_tok_s)
-                    .map(|(a, b)| a / b);
-                row.compare = Some(c);
-            }
-            rows.push(row);
-            bar.inc(1);
+        for &dtype in &plan.dtypes {
+            run_model(plan, hw, m, dtype, theirs, &bar, &mut rows);
         }
     }
     bar.finish_and_clear();
     rows
+}
+
+/// Every batch × prompt-length row of one model in one precision (loaded once for them all).
+fn run_model(
+    plan: &Plan,
+    hw: &Hardware,
+    m: &BenchModel,
+    dtype: DType,
+    theirs: Option<&Transformers>,
+    bar: &ProgressBar,
+    rows: &mut Vec<Row>,
+) {
+    let (name, config) = (&m.name, &m.config);
+    let format = WeightFormat::new(dtype);
+    let shapes: Vec<(usize, usize)> = plan
+        .batches
+        .iter()
+        .flat_map(|&b| plan.prompt_lens.iter().map(move |&p| (b, p)))
+        .collect();
+    let row = |batch, prompt| empty_row(m, format, batch, prompt, plan.new_tokens);
+    let skip_all = |reason: String, rows: &mut Vec<Row>| {
+        for &(batch, prompt) in &shapes {
+            let mut r = row(batch, prompt);
+            r.skipped = Some(reason.clone());
+            rows.push(r);
+            bar.inc(1);
+        }
+    };
+    // Fit check before building anything: weights plus the largest KV cache of the plan.
+    let max_ctx = shapes
+        .iter()
+        .map(|(b, p)| b * (p + plan.new_tokens))
+        .max()
+        .unwrap_or(0);
+    let needed = format.model_bytes(config) + config.kv_bytes_per_token(4) * max_ctx as u64;
+    if let Some(avail) = hw.ram_available_bytes.filter(|&a| needed > a) {
+        return skip_all(
+            format!(
+                "needs {} of memory, {} available",
+                Bytes(needed),
+                Bytes(avail)
+            ),
+            rows,
+        );
+    }
+    bar.set_message(format!("loading {name} {dtype}"));
+    reset_peak_memory();
+    let loaded = match model::load_as(&m.spec, 0, &hub::FetchOptions::default(), Some(format)) {
+        Ok(l) => l,
+        Err(e) => return skip_all(format!("cannot load: {e}"), rows),
+    };
+    let tokenizer = loaded.tokenizer;
+    let mut engine = CpuEngine::new(loaded.weights);
+    for (batch, prompt) in shapes {
+        let mut row = row(batch, prompt);
+        if prompt + plan.new_tokens > config.n_positions || prompt == 0 {
+            row.skipped = Some(format!(
+                "prompt {prompt} + {} new tokens do not fit the context of {}",
+                plan.new_tokens, config.n_positions
+            ));
+            rows.push(row);
+            bar.inc(1);
+            continue;
+        }
+        bar.set_message(format!("{name} {dtype} batch {batch} prompt {prompt}"));
+        match measure(
+            &mut engine,
+            &tokenizer,
+            config,
+            batch,
+            prompt,
+            plan.new_tokens,
+            plan.reps,
+        ) {
+            Ok(measured) => fill(&mut row, measured, config, format, hw),
+            Err(e) => row.skipped = Some(format!("failed: {e}")),
+        }
+        row.peak_memory_bytes = peak_memory();
+        // transformers runs f32 on the CPU: compare the f32 rows only.
+        if let (Some(t), None, DType::F32) = (theirs, &row.skipped, dtype) {
+            bar.set_message(format!(
+                "{name} batch {batch} prompt {prompt} through transformers"
+            ));
+            // The same weights: the preset's shape at random, or the same directory.
+            let theirs_model = match &m.spec {
+                ModelSpec::Dir(dir) => dir.display().to_string(),
+                _ => name.clone(),
+            };
+            let mut c = t.run(
+                &theirs_model,
+                batch,
+                prompt,
+                plan.new_tokens,
+                hw.threads,
+                plan.reps,
+            );
+            let ours = |s: &Option<Stat>| s.map(|s| s.median);
+            c.decode_speedup = ours(&row.decode_tok_s)
+                .zip(c.decode_tok_s)
+                .map(|(a, b)| a / b);
+            c.prefill_speedup = ours(&row.prefill_tok_s)
+                .zip(c.prefill_tok_s)
+                .map(|(a, b)| a / b);
+            row.compare = Some(c);
+        }
+        rows.push(row);
+        bar.inc(1);
+    }
 }
 
 /// What to run for a `--models` entry: a preset uses real weights when the hub cache already has
@@ -246,21 +198,14 @@ pub fn resolve(name: &str) -> Result<BenchModel, String> {
     ))
 }
 
-fn empty_row(
-    name: &str,
-    c: &Gpt2Config,
-    dtype: &str,
-    batch: usize,
-    prompt: usize,
-    new: usize,
-    synthetic: bool,
-) -> Row {
+fn empty_row(m: &BenchModel, format: WeightFormat, batch: usize, prompt: usize, new: usize) -> Row {
     Row {
         backend: "cpu".into(),
-        model: name.to_string(),
-        synthetic,
-        params: c.param_count(),
-        dtype: dtype.to_string(),
+        model: m.name.clone(),
+        synthetic: m.synthetic,
+        params: m.config.param_count(),
+        dtype: format.label(),
+        weight_bytes: format.model_bytes(&m.config),
         batch,
         prompt_len: prompt,
         new_tokens: new,
@@ -326,7 +271,7 @@ fn measure(
     Ok(m)
 }
 
-fn fill(row: &mut Row, m: Measured, c: &Gpt2Config, hw: &Hardware) {
+fn fill(row: &mut Row, m: Measured, c: &Gpt2Config, format: WeightFormat, hw: &Hardware) {
     let stat = |v: &[f64]| (!v.is_empty()).then(|| Stat::of(v));
     row.prefill_tok_s = stat(&m.prefill_tok_s);
     row.ttft_ms = stat(&m.ttft_ms);
@@ -335,7 +280,8 @@ fn fill(row: &mut Row, m: Measured, c: &Gpt2Config, hw: &Hardware) {
     // Decode floor: every weight read once per step, plus each sequence's KV cache
     // (at the mean context length of the run), at the measured read bandwidth.
     let mean_ctx = row.prompt_len as f64 + row.new_tokens as f64 / 2.0;
-    let bytes = c.params_read_per_token() as f64 * 4.0
+    let position_table = 4.0 * (c.n_positions * c.n_embd) as f64; // only one row is read
+    let bytes = format.model_bytes(c) as f64 - position_table
         + row.batch as f64 * mean_ctx * c.kv_bytes_per_token(4) as f64;
     let ceiling = row.batch as f64 / (bytes / (hw.mem_read_gbs * 1e9));
     row.decode_ceiling_tok_s = Some(ceiling);

@@ -107,7 +107,10 @@ pub struct Row {
     /// True when the weights are random values of the exact shape.
     pub synthetic: bool,
     pub params: u64,
+    /// Weight format (`int4`, …).
     pub dtype: String,
+    /// Bytes the weights take in that format.
+    pub weight_bytes: u64,
     pub batch: usize,
     pub prompt_len: usize,
     pub new_tokens: usize,
@@ -123,7 +126,8 @@ pub struct Row {
     pub decode_ms_per_step: Option<Stat>,
     /// Peak resident memory of the process during the row, bytes.
     pub peak_memory_bytes: Option<u64>,
-    /// Decode speed ÷ the bandwidth floor (weight + KV bytes per step ÷ read bandwidth).
+    /// Decode speed ÷ the bandwidth ceiling (weight bytes in this format + KV bytes per step
+    /// ÷ read bandwidth).
     pub decode_roofline: Option<f64>,
     /// Prefill speed ÷ the compute floor (2 · params · tokens ÷ FMA peak).
     pub prefill_roofline: Option<f64>,

@@ -15,7 +15,8 @@
 //! meet are padded with zeros the same way.
 
 mod buf;
-pub use buf::Buf;
+pub mod saved;
+pub use buf::{Buf, Pod};
 
 use crate::error::{Error, Result};
 use crate::weights::Matrix;
