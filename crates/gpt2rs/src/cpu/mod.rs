@@ -123,6 +123,15 @@ impl Engine for CpuEngine {
     }
 
     fn forward(&mut self, batch: &[BatchEntry<'_>]) -> Result<Logits> {
+        // Run the whole pass on a pool thread: every parallel section below then starts with
+        // a cheap local push that idle workers steal, instead of a cross-thread injection and
+        // a sleep/wake of the calling thread per section (about 10 sections a layer).
+        rayon::scope(|_| self.forward_on_pool(batch))
+    }
+}
+
+impl CpuEngine {
+    fn forward_on_pool(&mut self, batch: &[BatchEntry<'_>]) -> Result<Logits> {
         self.validate(batch)?;
         let cfg = self.w.config.clone();
         let (c, v) = (cfg.n_embd, cfg.vocab_size);
