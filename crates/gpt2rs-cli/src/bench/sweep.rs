@@ -292,8 +292,15 @@ fn fill(row: &mut Row, m: Measured, c: &Gpt2Config, format: WeightFormat, hw: &H
     row.prefill_roofline = row.prefill_tok_s.map(|s| s.median / prefill_ceiling);
 }
 
-/// Starts a new peak-memory window (Linux: clear_refs 5 resets VmHWM).
+/// Starts a new peak-memory window (Linux: clear_refs 5 resets VmHWM). Memory the previous
+/// row freed is first handed back to the system, or glibc would keep it resident and count it
+/// against this row.
 fn reset_peak_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free heap pages; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
