@@ -21,18 +21,23 @@ impl fmt::Display for Bytes {
     }
 }
 
+/// A `Key:   N kB` line of a Linux /proc file (meminfo, self/status), in bytes.
+pub fn proc_kb(file: &str, key: &str) -> Option<Bytes> {
+    let text = std::fs::read_to_string(file).ok()?;
+    let kb: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(Bytes(kb * 1024))
+}
+
 /// Memory the OS can give this process now without swapping, if it can be known.
 /// Linux: `MemAvailable` from /proc/meminfo, capped by a cgroup v2 limit when one is set.
 pub fn available() -> Option<Bytes> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kb: u64 = meminfo
-        .lines()
-        .find(|l| l.starts_with("MemAvailable:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    let mut avail = kb * 1024;
+    let mut avail = proc_kb("/proc/meminfo", "MemAvailable")?.0;
     let cgroup_limit = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok());

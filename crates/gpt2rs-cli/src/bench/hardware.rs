@@ -40,15 +40,8 @@ fn cpu_model() -> String {
 }
 
 fn ram_total() -> Option<u64> {
-    if let Ok(info) = std::fs::read_to_string("/proc/meminfo") {
-        let kb: u64 = info
-            .lines()
-            .find(|l| l.starts_with("MemTotal:"))?
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()?;
-        return Some(kb * 1024);
+    if let Some(b) = gpt2rs::memory::proc_kb("/proc/meminfo", "MemTotal") {
+        return Some(b.0);
     }
     command_output("sysctl", &["-n", "hw.memsize"])?
         .parse()

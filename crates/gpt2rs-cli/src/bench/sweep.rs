@@ -306,13 +306,5 @@ fn reset_peak_memory() {
 
 /// The process's peak resident memory since the last reset (Linux).
 fn peak_memory() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb: u64 = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    Some(kb * 1024)
+    gpt2rs::memory::proc_kb("/proc/self/status", "VmHWM").map(|b| b.0)
 }

@@ -114,17 +114,51 @@ fn tiled(
             row.copy_from_slice(b);
         }
     }
-    // SAFETY: all pointers and strides describe the slices checked above:
-    // dst [rows, n] row-major, lhs = x [rows, k] row-major, rhs = wᵀ, i.e. element (kk, j) at w[j*k + kk].
+    // SAFETY: `out` is [rows, n], `x` is [rows, k] and `w` is [n, k], as checked by `linear`.
+    unsafe {
+        gemm_x_wt(
+            rows,
+            n,
+            k,
+            (out.as_mut_ptr(), n),
+            bias.is_some(),
+            x,
+            w,
+            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        )
+    };
+}
+
+/// `dst[t, j] (+)= Σ_kk x[t, kk] · w[j, kk]` for `t < rows`, `j < n`: the gemm crate's call for
+/// row-major `x` (`[rows, k]`) and weights (`[n, k]`, used transposed), into `dst` with row
+/// stride `dst.1`; adds to what `dst` holds when `accumulate`.
+///
+/// # Safety
+/// `dst.0` must be valid for writes of `rows` rows of `n` elements at row stride `dst.1`, not
+/// written by anyone else meanwhile; `x` must hold `rows * k` and `w` `n * k` elements.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_x_wt(
+    rows: usize,
+    n: usize,
+    k: usize,
+    dst: (*mut f32, usize),
+    accumulate: bool,
+    x: &[f32],
+    w: &[f32],
+    parallelism: gemm::Parallelism,
+) {
+    debug_assert!(x.len() >= rows * k && w.len() >= n * k);
+    // SAFETY: the caller's contract; lhs = x row-major, rhs = wᵀ, i.e. element (kk, j) at
+    // w[j*k + kk].
     unsafe {
         gemm::gemm(
             rows,
             n,
             k,
-            out.as_mut_ptr(),
+            dst.0,
             1,
-            n as isize,
-            bias.is_some(),
+            dst.1 as isize,
+            accumulate,
             x.as_ptr(),
             1,
             k as isize,
@@ -136,7 +170,7 @@ fn tiled(
             false,
             false,
             false,
-            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+            parallelism,
         );
     }
 }
@@ -165,31 +199,19 @@ fn tiled_dequantized(x: &[f32], rows: usize, w: &QMatrix, bias: Option<&[f32]>, 
                     row.copy_from_slice(&b[j0..j1]);
                 }
             }
-            // SAFETY: dst is out[:, j0..j1] (row stride n), lhs = x [rows, k] row-major,
-            // rhs = bufᵀ, i.e. element (kk, j) at buf[j*k + kk]; this task alone writes dst.
+            // SAFETY: out[:, j0..j1] (row stride n) is this task's alone; buf is [cols, k].
             unsafe {
-                gemm::gemm(
+                gemm_x_wt(
                     rows,
                     cols,
                     k,
-                    dst.add(j0),
-                    1,
-                    n as isize,
+                    (dst.add(j0), n),
                     bias.is_some(),
-                    x.as_ptr(),
-                    1,
-                    k as isize,
-                    buf.as_ptr(),
-                    k as isize,
-                    1,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
+                    x,
+                    buf,
                     gemm::Parallelism::None,
-                );
-            }
+                )
+            };
         });
 }
 
