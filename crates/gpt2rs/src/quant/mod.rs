@@ -355,13 +355,22 @@ pub fn int4_at(group: &[u8], j: usize) -> i8 {
 }
 
 /// Activations quantized for the integer formats' dot products: each row padded with zeros to
-/// whole groups of 32, each group as int8 with an f32 scale (`x ≈ scale · q`).
+/// whole groups of 32, each group as int8 in -127..=127 with an f32 scale (`x ≈ scale · q`).
 #[derive(Debug, Default, Clone)]
 pub struct Q8Acts {
     pub rows: usize,
     pub groups: usize,
     pub q: Vec<i8>,
     pub scales: Vec<f32>,
+    /// `Σ q` of each group (exact in f32): kernels that multiply int4's stored nibbles `q + 8`
+    /// subtract `8 · Σ q` once per group instead of re-centering every weight.
+    pub sums: Vec<f32>,
+    /// The same values in the order an int4 kernel meets them when one 32-byte load covers two
+    /// groups of weights (low nibbles: values 0..16 of both; high nibbles: values 16..32): per
+    /// pair of groups, values 0..16 of the first, 0..16 of the second, 16..32 of the first,
+    /// 16..32 of the second; an odd last group pairs with zeros. `groups.div_ceil(2) * 64` per
+    /// row.
+    pub q_pairs: Vec<i8>,
 }
 
 impl Q8Acts {
@@ -388,6 +397,31 @@ impl Q8Acts {
                 self.scales[r * g + gi] = d;
             }
         }
+        self.derive();
+    }
+
+    /// Fills `sums` and `q_pairs` from `rows`, `groups` and `q` (`quantize` does; activations
+    /// filled in by hand need it before use).
+    pub fn derive(&mut self) {
+        let (rows, g) = (self.rows, self.groups);
+        self.sums.clear();
+        self.sums.extend(
+            self.q[..rows * g * GROUP]
+                .chunks_exact(GROUP)
+                .map(|c| c.iter().map(|&v| v as i32).sum::<i32>() as f32),
+        );
+        let pairs = g.div_ceil(2);
+        self.q_pairs.clear();
+        self.q_pairs.resize(rows * pairs * 2 * GROUP, 0);
+        for r in 0..rows {
+            let q = &self.q[r * g * GROUP..(r + 1) * g * GROUP];
+            let dst = &mut self.q_pairs[r * pairs * 2 * GROUP..(r + 1) * pairs * 2 * GROUP];
+            for (gi, grp) in q.chunks_exact(GROUP).enumerate() {
+                let at = (gi / 2) * 2 * GROUP + (gi % 2) * GROUP / 2;
+                dst[at..at + GROUP / 2].copy_from_slice(&grp[..GROUP / 2]);
+                dst[at + GROUP..at + GROUP + GROUP / 2].copy_from_slice(&grp[GROUP / 2..]);
+            }
+        }
     }
 
     /// Row `r`'s quantized values (`groups * 32`).
@@ -398,6 +432,16 @@ impl Q8Acts {
     /// Row `r`'s scales (`groups`).
     pub fn row_scales(&self, r: usize) -> &[f32] {
         &self.scales[r * self.groups..(r + 1) * self.groups]
+    }
+
+    /// Row `r`'s group sums (`groups`).
+    pub fn row_sums(&self, r: usize) -> &[f32] {
+        &self.sums[r * self.groups..(r + 1) * self.groups]
+    }
+    /// Row `r`'s values in pair order (see [`Q8Acts::q_pairs`]).
+    pub fn row_q_pairs(&self, r: usize) -> &[i8] {
+        let n = self.groups.div_ceil(2) * 2 * GROUP;
+        &self.q_pairs[r * n..(r + 1) * n]
     }
 }
 
@@ -479,6 +523,34 @@ mod tests {
             for i in 0..40 {
                 let back = q[i] as f32 * s[i / GROUP];
                 assert!((back - x[r * 40 + i]).abs() <= s[i / GROUP] / 2.0 + 1e-6);
+            }
+            for (gi, &sum) in a.row_sums(r).iter().enumerate() {
+                let want: i32 = q[gi * GROUP..(gi + 1) * GROUP]
+                    .iter()
+                    .map(|&v| v as i32)
+                    .sum();
+                assert_eq!(sum, want as f32);
+            }
+        }
+    }
+
+    #[test]
+    fn activations_in_pair_order_follow_the_int4_nibbles() {
+        // Three groups: one whole pair, then a group paired with zeros.
+        let x: Vec<f32> = (0..2 * 70).map(|i| (i as f32 * 0.37).sin()).collect();
+        let mut a = Q8Acts::default();
+        a.quantize(&x, 2, 70);
+        for r in 0..2 {
+            let (q, p) = (a.row_q(r), a.row_q_pairs(r));
+            assert_eq!(p.len(), 2 * 2 * GROUP);
+            for gi in 0..3 {
+                for j in 0..GROUP {
+                    let at = (gi / 2) * 2 * GROUP + (j / 16) * GROUP + (gi % 2) * 16 + j % 16;
+                    assert_eq!(p[at], q[gi * GROUP + j], "row {r} group {gi} value {j}");
+                }
+            }
+            for j in 0..GROUP {
+                assert_eq!(p[2 * GROUP + (j / 16) * GROUP + 16 + j % 16], 0, "padding");
             }
         }
     }
