@@ -9,15 +9,21 @@ cargo build --release -q -p gpt2rs-cli
 extra=()
 [ -n "$window" ] && extra+=(--max-length "$window")
 [ -n "$stride" ] && extra+=(--stride "$stride")
-echo "| dtype | weights | perplexity | vs f32 | mean KL (nats) | max KL | top-1 agreement |"
-echo "|---|---:|---:|---:|---:|---:|---:|"
+echo "| dtype | perplexity | vs f32 | mean KL (nats) | max KL | top-1 agreement |"
+echo "|---|---:|---:|---:|---:|---:|"
+row=$(mktemp); trap 'rm -f "$row"' EXIT
+cat > "$row" <<'PY'
+import json, sys
+r = json.load(sys.stdin)
+a = r["against"]
+d = a["divergence"]
+if sys.argv[1] == "f16":
+    print("| f32 | %.4f | | | | |" % a["perplexity"])
+print("| %s | %.4f | %+.2f%% | %.2e | %.2e | %.2f%% |" % (
+    r["weights"], r["perplexity"], (r["perplexity"] / a["perplexity"] - 1) * 100,
+    d["mean_kl"], d["max_kl"], d["top1_agreement"] * 100))
+PY
 for d in f16 bf16 int8 int4; do
   target/release/gpt2rs score --model "$model" --text-file "$text" --dtype "$d" --against f32 --json \
-      "${extra[@]}" 2>/dev/null | python3 -c '
-import json, sys
-r = json.load(sys.stdin); a = r["against"]; d = a["divergence"]
-if sys.argv[1] == "f16":
-    print(f"| f32 | | {a[\"perplexity\"]:.4f} | | | | |")
-print(f"| {r[\"weights\"]} | | {r[\"perplexity\"]:.4f} | {(r[\"perplexity\"] / a[\"perplexity\"] - 1) * 100:+.2f}% | "
-      f"{d[\"mean_kl\"]:.2e} | {d[\"max_kl\"]:.2e} | {d[\"top1_agreement\"] * 100:.2f}% |")' "$d"
+      "${extra[@]}" 2>/dev/null | python3 "$row" "$d"
 done
