@@ -3,16 +3,22 @@
 //! A few rows of `x` (decode) are memory-bound: stream each weight row once, split over the
 //! threads by output rows, and take dot products with every input row while it is in cache
 //! (for int8/int4 weights, against activations quantized to int8 groups once per call).
+//! A few dozen rows (batched decode) are compute-bound but too few to repay gemm's packing of
+//! the whole weight matrix on every call: register tiles (`tile`) read the weights in place.
 //! Many rows (prefill) are compute-bound: hand them to the gemm crate's tiled kernels; weights
 //! in a compact format are dequantized a block of rows at a time into a buffer that stays in
 //! cache, and each block is multiplied there.
 
-use super::{qdot, simd};
+use super::{qdot, simd, tile};
 use crate::quant::{groups, Q8Acts, QData, QMatrix, GROUP};
 use rayon::prelude::*;
 
-/// Up to this many input rows use the streaming kernel; more go to gemm.
+/// Up to this many input rows use the streaming kernel; more go to the tile kernels or gemm.
 pub const STREAMING_MAX_ROWS: usize = 8;
+
+/// Up to this many input rows use the tile kernels (where the CPU has them); more go to gemm,
+/// whose packing pays off once each packed weight panel serves this many rows.
+pub const TILE_MAX_ROWS: usize = 64;
 
 /// Raw output pointer shared by tasks that write disjoint elements.
 #[derive(Clone, Copy)]
@@ -37,7 +43,9 @@ pub fn linear(x: &[f32], rows: usize, w: &QMatrix, bias: Option<&[f32]>, out: &m
     if rows == 0 {
         return;
     }
-    if rows <= STREAMING_MAX_ROWS {
+    if tile::available() && rows > STREAMING_MAX_ROWS && rows <= TILE_MAX_ROWS {
+        tiles(x, rows, w, bias, out);
+    } else if rows <= STREAMING_MAX_ROWS {
         streaming(x, rows, w, bias, out);
     } else if let QData::F32(data) = &w.data {
         tiled(x, rows, data, n, k, bias, out);
@@ -98,6 +106,57 @@ fn streaming(x: &[f32], rows: usize, w: &QMatrix, bias: Option<&[f32]>, out: &mu
             }
         }
     });
+}
+
+/// Weight rows are split over the threads in blocks; each block's tiles read the weights in
+/// place (f32) or dequantize [`tile::NR`] rows at a time into a buffer that stays in L1.
+fn tiles(x: &[f32], rows: usize, w: &QMatrix, bias: Option<&[f32]>, out: &mut [f32]) {
+    let (n, k) = (w.rows, w.cols);
+    let threads = rayon::current_num_threads();
+    let block = (n.div_ceil(threads * 4))
+        .next_multiple_of(tile::NR)
+        .max(48)
+        .min(n.next_multiple_of(tile::NR));
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    (0..n.div_ceil(block))
+        .into_par_iter()
+        .for_each_init(Vec::new, |buf: &mut Vec<f32>, b| {
+            let (j0, j1) = (b * block, ((b + 1) * block).min(n));
+            let out = out_ptr.get();
+            let mut j = j0;
+            while j < j1 {
+                // f32 weights are used where they lie, the whole block at once.
+                let nb = match &w.data {
+                    QData::F32(_) => j1 - j,
+                    _ => tile::NR.min(j1 - j),
+                };
+                let wb = match &w.data {
+                    QData::F32(d) => &d[j * k..(j + nb) * k],
+                    _ => {
+                        buf.resize(nb * k, 0.0);
+                        for (i, dst) in buf.chunks_exact_mut(k).enumerate() {
+                            qdot::dequantize_row(w, j + i, dst);
+                        }
+                        &buf[..]
+                    }
+                };
+                // SAFETY: tile::available() was checked by `linear`; columns j..j+nb of
+                // every output row belong to this task alone.
+                unsafe {
+                    tile::x_wt(
+                        x,
+                        rows,
+                        k,
+                        wb,
+                        nb,
+                        bias.map(|b| &b[j..j + nb]),
+                        out.add(j),
+                        n,
+                    )
+                };
+                j += nb;
+            }
+        });
 }
 
 fn tiled(
@@ -268,6 +327,8 @@ mod tests {
             (17, 75, 1600),
             (33, 4800, 31),
             (40, 130, 97),
+            (64, 29, 1600),
+            (65, 29, 1600),
         ] {
             let x = values(rows * k, 1);
             let w = Matrix {

@@ -8,6 +8,7 @@ pub mod matmul;
 pub mod qdot;
 pub mod roofline;
 pub mod simd;
+mod tile;
 
 use crate::config::{Activation, Gpt2Config};
 use crate::engine::{BatchEntry, Engine, Logits, LogitsFor, SeqId};

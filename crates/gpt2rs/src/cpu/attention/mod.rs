@@ -5,6 +5,9 @@ use super::simd;
 use rayon::prelude::*;
 use std::cell::RefCell;
 
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
 /// Where a row of the batch belongs: its sequence's cache and its position in it.
 #[derive(Clone, Copy)]
 pub struct RowPlace<'a> {
@@ -39,16 +42,52 @@ pub fn attend(
             let values = place.cache.values(layer);
             let n = place.pos + 1;
             SCORES.with_borrow_mut(|scores| {
-                scores.clear();
-                scores
-                    .extend((0..n).map(|s| simd::dot(q, &keys[s * width + h * d..][..d]) * scale));
-                simd::softmax(scores);
-                out.fill(0.0);
-                for (s, &p) in scores.iter().enumerate() {
-                    simd::axpy(out, p, &values[s * width + h * d..][..d]);
-                }
+                scores.resize(n, 0.0);
+                head_attention(
+                    q,
+                    &keys[h * d..],
+                    &values[h * d..],
+                    width,
+                    scale,
+                    scores,
+                    out,
+                )
             });
         });
+}
+
+/// One head of one row: `out = softmax(scale · q·Kᵀ) · V` over `scores.len()` positions, keys
+/// and values at row stride `stride` (the head's slice of each cached row).
+fn head_attention(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    stride: usize,
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let (d, n) = (q.len(), scores.len());
+    assert!(out.len() == d && n > 0);
+    assert!(keys.len() >= (n - 1) * stride + d && values.len() >= (n - 1) * stride + d);
+    #[cfg(target_arch = "x86_64")]
+    if x86::supports(d) {
+        // SAFETY: supports() checked AVX2+FMA and d % 8 == 0; lengths checked above.
+        unsafe {
+            x86::scores(q, keys, stride, scale, scores);
+            simd::softmax(scores);
+            x86::weighted_sum(scores, values, stride, out);
+        }
+        return;
+    }
+    for (s, score) in scores.iter_mut().enumerate() {
+        *score = simd::dot(q, &keys[s * stride..][..d]) * scale;
+    }
+    simd::softmax(scores);
+    out.fill(0.0);
+    for (s, &p) in scores.iter().enumerate() {
+        simd::axpy(out, p, &values[s * stride..][..d]);
+    }
 }
 
 #[cfg(test)]
@@ -56,9 +95,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn matches_naive_attention_with_25_heads() {
-        // gpt2-xl's head layout (25 heads of 64) on a short, odd-length sequence.
-        let (n_head, d, len) = (25, 64, 7);
+    fn matches_naive_attention_on_awkward_head_layouts() {
+        // gpt2-xl's head layout (25 heads of 64) on a short, odd-length sequence; heads of 40
+        // (a partial register group) and of 12 (no SIMD kernel: the portable path).
+        for (n_head, d, len) in [(25, 64, 7), (3, 40, 9), (2, 12, 5)] {
+            check_against_naive(n_head, d, len);
+        }
+    }
+
+    fn check_against_naive(n_head: usize, d: usize, len: usize) {
         let width = n_head * d;
         let val = |i: usize| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 2.0;
         let mut cache = SeqCache::new(1);
