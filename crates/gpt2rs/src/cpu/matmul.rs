@@ -43,8 +43,9 @@ pub fn linear(x: &[f32], rows: usize, w: &QMatrix, bias: Option<&[f32]>, out: &m
     if rows == 0 {
         return;
     }
-    if tile::available() && rows > STREAMING_MAX_ROWS && rows <= TILE_MAX_ROWS {
-        tiles(x, rows, w, bias, out);
+    let tile_isa = tile::best().filter(|_| rows > STREAMING_MAX_ROWS && rows <= TILE_MAX_ROWS);
+    if let Some(isa) = tile_isa {
+        tiles(isa, x, rows, w, bias, out);
     } else if rows <= STREAMING_MAX_ROWS {
         streaming(x, rows, w, bias, out);
     } else if let QData::F32(data) = &w.data {
@@ -110,7 +111,14 @@ fn streaming(x: &[f32], rows: usize, w: &QMatrix, bias: Option<&[f32]>, out: &mu
 
 /// Weight rows are split over the threads in blocks; each block's tiles read the weights in
 /// place (f32) or dequantize [`tile::NR`] rows at a time into a buffer that stays in L1.
-fn tiles(x: &[f32], rows: usize, w: &QMatrix, bias: Option<&[f32]>, out: &mut [f32]) {
+fn tiles(
+    isa: tile::Isa,
+    x: &[f32],
+    rows: usize,
+    w: &QMatrix,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
     let (n, k) = (w.rows, w.cols);
     let threads = rayon::current_num_threads();
     let block = (n.div_ceil(threads * 4))
@@ -140,20 +148,10 @@ fn tiles(x: &[f32], rows: usize, w: &QMatrix, bias: Option<&[f32]>, out: &mut [f
                         &buf[..]
                     }
                 };
-                // SAFETY: tile::available() was checked by `linear`; columns j..j+nb of
-                // every output row belong to this task alone.
-                unsafe {
-                    tile::x_wt(
-                        x,
-                        rows,
-                        k,
-                        wb,
-                        nb,
-                        bias.map(|b| &b[j..j + nb]),
-                        out.add(j),
-                        n,
-                    )
-                };
+                let b = bias.map(|b| &b[j..j + nb]);
+                // SAFETY: `isa` came from tile::best(); columns j..j+nb of every output row
+                // belong to this task alone.
+                unsafe { tile::x_wt(isa, x, rows, k, wb, nb, b, out.add(j), n) };
                 j += nb;
             }
         });

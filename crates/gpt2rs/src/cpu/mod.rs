@@ -8,6 +8,8 @@ pub mod matmul;
 pub mod qdot;
 pub mod roofline;
 pub mod simd;
+// Tile kernels exist for x86-64 only; elsewhere `best()` is None and the rest goes unused.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code, unused_variables))]
 mod tile;
 
 use crate::config::{Activation, Gpt2Config};

@@ -31,9 +31,9 @@ impl<T: Pod> Buf<T> {
     /// machine, which the files are); otherwise copies them into an owned buffer.
     pub fn from_map(map: &Arc<Mmap>, offset: usize, bytes: usize) -> Self {
         let size = std::mem::size_of::<T>();
-        assert!(bytes % size == 0 && offset + bytes <= map.len());
+        assert!(bytes.is_multiple_of(size) && offset + bytes <= map.len());
         let src = &map[offset..offset + bytes];
-        let aligned = (src.as_ptr() as usize) % std::mem::align_of::<T>() == 0;
+        let aligned = (src.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>());
         if aligned && cfg!(target_endian = "little") {
             return Self::Mapped {
                 map: map.clone(),

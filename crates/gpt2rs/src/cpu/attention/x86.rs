@@ -10,7 +10,7 @@ use std::arch::x86_64::*;
 
 /// Head sizes these kernels take.
 pub fn supports(d: usize) -> bool {
-    d % 8 == 0 && crate::cpu::simd::has_avx2_fma()
+    d.is_multiple_of(8) && crate::cpu::simd::has_avx2_fma()
 }
 
 /// `scores[s] = scale · q · keys[s * stride ..][..d]` for `s < scores.len()`.
