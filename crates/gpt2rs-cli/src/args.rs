@@ -3,7 +3,7 @@
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
-/// GPT-2 inference that matches Hugging Face transformers, on this machine's CPU.
+/// GPT-2 inference that matches Hugging Face transformers, on this machine's CPU or an NVIDIA GPU.
 ///
 /// Models: gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2, any hub name (owner/name),
 /// a local checkpoint directory, or synthetic:PRESET for random weights of the exact shape
@@ -66,6 +66,9 @@ pub struct GenerateArgs {
     /// Read prompts from a file, one per line.
     #[arg(long, value_name = "FILE")]
     pub prompt_file: Option<PathBuf>,
+    /// Where to run: cpu, or cuda / cuda:N for GPU N (builds with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Tokens to generate per sequence.
     #[arg(long, short = 'n', default_value_t = 50)]
     pub max_new_tokens: usize,
@@ -114,6 +117,9 @@ pub struct ScoreArgs {
     /// The text to score.
     #[arg(long, value_name = "FILE")]
     pub text_file: PathBuf,
+    /// Where to run: cpu, or cuda / cuda:N for GPU N (builds with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Window length in tokens (default: the model's context).
     #[arg(long)]
     pub max_length: Option<usize>,
@@ -176,7 +182,8 @@ pub struct BenchArgs {
     /// Measured runs per configuration, after one warm-up run.
     #[arg(long, default_value_t = 3)]
     pub reps: usize,
-    /// Backend: cpu (the only one in this build).
+    /// Backend: cpu (bench measures the CPU backend only so far; time the GPU with
+    /// `gpt2rs generate --device cuda`).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Everything: all models (distilgpt2 too), batches 1,8,32, prompts 32,128,512, 64 new tokens.

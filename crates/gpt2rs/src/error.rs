@@ -43,6 +43,9 @@ pub enum Error {
     /// The caller asked for something invalid (bad sampling parameter, unknown sequence, …).
     #[error("{0}")]
     InvalidArgument(String),
+    /// A compute device (GPU) is missing, cannot be used, or failed.
+    #[error("{0}")]
+    Device(String),
     /// An I/O error with the path it happened on.
     #[error("{path}: {source}")]
     Io {
@@ -58,7 +61,7 @@ impl Error {
             source,
         }
     }
-    pub(crate) fn invalid(msg: impl Into<String>) -> Self {
+    pub fn invalid(msg: impl Into<String>) -> Self {
         Error::InvalidArgument(msg.into())
     }
 }

@@ -341,7 +341,7 @@ fn info_lines(r: &Report) -> Vec<(&'static str, String)> {
             s += &format!(", {}", bytes(m));
         }
         if !g.usable {
-            s += " (not usable: no CUDA backend in this build)";
+            s += " (not measured: bench times the CPU backend only so far)";
         }
         v.push(("gpu", s));
     }
@@ -606,7 +606,7 @@ pub(crate) mod tests {
             "124.4M",
             "1.56B",
             "transformers decode tok/s",
-            "not usable: no CUDA backend in this build",
+            "not measured: bench times the CPU backend only so far",
             "note: synthetic = random weights",
             "note: transformers 5.23.0 (torch 2.15.0): no numbers for 1 row(s)",
             "memory read 12.5 GB/s",

@@ -58,7 +58,7 @@ pub struct Header {
 pub struct Gpu {
     pub name: String,
     pub memory_bytes: Option<u64>,
-    /// Whether gpt2rs can run on it in this build (false until the CUDA backend exists).
+    /// Whether bench measures it (false: bench times the CPU backend only so far).
     pub usable: bool,
 }
 

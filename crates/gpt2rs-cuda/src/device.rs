@@ -1,0 +1,165 @@
+//! Opening a GPU: the CUDA libraries (looked up at run time), a context and stream, cuBLAS,
+//! and the kernels of `kernels.cu` compiled by NVRTC for this GPU (cached on disk).
+
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr};
+use cudarc::nvrtc::{CompileOptions, Ptx};
+use gpt2rs::{Error, Result};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+const KERNELS: &str = include_str!("kernels.cu");
+/// Bytes of cuBLAS workspace (NVIDIA suggests 32 MiB on Hopper).
+const CUBLAS_WORKSPACE: usize = 32 << 20;
+
+/// An open GPU with our kernels loaded.
+pub struct Device {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    pub blas: CudaBlas,
+    _workspace: CudaSlice<u8>,
+    module: Arc<CudaModule>,
+    pub name: String,
+    pub ordinal: usize,
+}
+
+/// Turns any CUDA-side failure into the library's error, saying what was being done.
+pub fn device_err<E: std::fmt::Debug>(what: &str) -> impl Fn(E) -> Error + '_ {
+    move |e| Error::Device(format!("{what}: {e:?}"))
+}
+
+/// The CUDA libraries this backend loads, and whether each is present.
+fn missing_libraries() -> Vec<&'static str> {
+    let mut missing = vec![];
+    // SAFETY: these only try to load the shared libraries.
+    unsafe {
+        if !cudarc::driver::sys::is_culib_present() {
+            missing.push("the NVIDIA driver (libcuda.so)");
+        }
+        if !cudarc::nvrtc::sys::is_culib_present() {
+            missing.push("NVRTC (libnvrtc.so)");
+        }
+        if !cudarc::cublas::sys::is_culib_present() {
+            missing.push("cuBLAS (libcublas.so)");
+        }
+    }
+    missing
+}
+
+impl Device {
+    /// Opens GPU `ordinal`, or says plainly why it cannot.
+    pub fn open(ordinal: usize) -> Result<Self> {
+        let missing = missing_libraries();
+        if !missing.is_empty() {
+            return Err(Error::Device(format!(
+                "no usable NVIDIA GPU: could not load {}. Install the NVIDIA driver and the CUDA \
+                 libraries (cuBLAS, NVRTC), or use --device cpu",
+                missing.join(", ")
+            )));
+        }
+        let count = CudaContext::device_count().map_err(device_err("counting GPUs"))?;
+        if ordinal >= count.max(0) as usize {
+            return Err(Error::Device(format!(
+                "there is no GPU cuda:{ordinal}: this machine has {count} (cuda:0 to cuda:{})",
+                count - 1
+            )));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(device_err("opening the GPU"))?;
+        // One stream, in order: cudarc's cross-stream event tracking is not needed.
+        // SAFETY: nothing here uses more than one stream.
+        unsafe { ctx.disable_event_tracking() };
+        // A stream of our own: the legacy default stream cannot be captured into graphs.
+        let stream = ctx.new_stream().map_err(device_err("creating a stream"))?;
+        let blas = CudaBlas::new(stream.clone()).map_err(device_err("starting cuBLAS"))?;
+        // cuBLAS gets its workspace up front: it must not allocate while a graph is captured.
+        let workspace = stream
+            .alloc_zeros::<u8>(CUBLAS_WORKSPACE)
+            .map_err(device_err("allocating the cuBLAS workspace"))?;
+        // SAFETY: the workspace outlives the handle (both live in this Device).
+        let status = unsafe {
+            cudarc::cublas::sys::cublasSetWorkspace_v2(
+                *blas.handle(),
+                workspace.device_ptr(&stream).0 as *mut std::ffi::c_void,
+                CUBLAS_WORKSPACE,
+            )
+        };
+        if status != cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            return Err(Error::Device(format!(
+                "setting the cuBLAS workspace: {status:?}"
+            )));
+        }
+        let name = ctx.name().map_err(device_err("reading the GPU's name"))?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(device_err("reading the compute capability"))?;
+        let ptx = compile_kernels(major, minor)?;
+        let module = ctx
+            .load_module(ptx)
+            .map_err(device_err("loading the kernels"))?;
+        Ok(Self {
+            ctx,
+            stream,
+            blas,
+            _workspace: workspace,
+            module,
+            name,
+            ordinal,
+        })
+    }
+
+    /// Kernel `name` of `kernels.cu`.
+    pub fn function(&self, name: &str) -> Result<CudaFunction> {
+        self.module
+            .load_function(name)
+            .map_err(device_err(&format!("finding kernel {name}")))
+    }
+
+    /// Free and total bytes of GPU memory.
+    pub fn memory(&self) -> Result<(u64, u64)> {
+        let (free, total) = self
+            .ctx
+            .mem_get_info()
+            .map_err(device_err("reading GPU memory"))?;
+        Ok((free as u64, total as u64))
+    }
+}
+
+/// PTX of `kernels.cu` for compute capability `major.minor`, from the disk cache when this
+/// exact source was compiled for it before.
+fn compile_kernels(major: i32, minor: i32) -> Result<Ptx> {
+    let arch = format!("compute_{major}{minor}");
+    let cache = cache_path(&arch);
+    if let Some(path) = &cache {
+        if let Ok(src) = std::fs::read_to_string(path) {
+            return Ok(Ptx::from_src(src));
+        }
+    }
+    let opts = CompileOptions {
+        // NVRTC wants a &'static str; one small string per process.
+        arch: Some(Box::leak(arch.into_boxed_str())),
+        ..Default::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(KERNELS, opts)
+        .map_err(|e| Error::Device(format!("compiling the CUDA kernels with NVRTC: {e:?}")))?;
+    if let Some(path) = &cache {
+        // A cache that cannot be written only costs the next start a compile.
+        let _ = std::fs::create_dir_all(path.parent().expect("a file in a directory"))
+            .and_then(|_| std::fs::write(path, ptx.to_src()));
+    }
+    Ok(ptx)
+}
+
+/// `$XDG_CACHE_HOME/gpt2rs/kernels-<hash of the source, version and arch>.ptx` (or under
+/// `~/.cache`), or none when neither is set.
+fn cache_path(arch: &str) -> Option<PathBuf> {
+    use std::hash::{Hash, Hasher};
+    let dir = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (KERNELS, env!("CARGO_PKG_VERSION"), arch).hash(&mut h);
+    Some(
+        dir.join("gpt2rs")
+            .join(format!("kernels-{arch}-{:016x}.ptx", h.finish())),
+    )
+}
