@@ -30,6 +30,7 @@ pub mod hub;
 pub mod memory;
 pub mod model;
 pub mod quant;
+pub mod scheduler;
 pub mod score;
 pub mod tokenizer;
 pub mod weights;

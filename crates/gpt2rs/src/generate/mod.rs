@@ -4,13 +4,12 @@
 pub mod sampling;
 pub mod stream;
 
-use crate::engine::{BatchEntry, Engine, LogitsFor, SeqId};
+use crate::engine::Engine;
 use crate::error::{Error, Result};
+use crate::scheduler::{Event, Request, RequestId, Scheduler, SchedulerConfig};
 use crate::tokenizer::Tokenizer;
 pub use sampling::SamplingParams;
-use sampling::SeqRng;
 use std::time::{Duration, Instant};
-use stream::TextStream;
 
 /// What to generate and when to stop.
 #[derive(Debug, Clone)]
@@ -108,18 +107,6 @@ pub struct TextEvent<'a> {
     pub text: &'a str,
 }
 
-/// A sequence being generated.
-struct Live {
-    seq: SeqId,
-    prompt_index: usize,
-    sample_index: usize,
-    history: Vec<u32>,
-    prompt_len: usize,
-    rng: SeqRng,
-    stream: TextStream,
-    finish: Option<FinishReason>,
-}
-
 /// Prepares a prompt: an empty one starts from end-of-text (as GPT-2 was trained); one that
 /// does not fit the context is cut from the left when allowed, else an error.
 pub fn fit_prompt(
@@ -147,6 +134,9 @@ pub fn fit_prompt(
 }
 
 /// Generates from every prompt at once. `on_text` receives text as it becomes final.
+///
+/// Every prompt is prefilled in the first engine pass (one ragged batch), then all sequences
+/// decode together until each has finished: the [`Scheduler`] with no limits.
 pub fn generate(
     engine: &mut dyn Engine,
     tokenizer: &Tokenizer,
@@ -176,163 +166,107 @@ pub fn generate(
             )
         })
         .collect::<Result<_>>()?;
-    let start = Instant::now();
+    let unlimited = SchedulerConfig {
+        max_running: usize::MAX,
+        prefill_tokens_per_step: usize::MAX,
+    };
+    let mut sched = Scheduler::new(&model, unlimited);
+    for (i, p) in prompts.iter().enumerate() {
+        let req = Request {
+            prompt: p.clone(),
+            sampling: cfg.sampling.clone(),
+            seed: cfg.seed,
+            rng_stream: i,
+            samples: cfg.num_return_sequences,
+            max_new_tokens: cfg.max_new_tokens,
+            stop_at_eos: cfg.stop_at_eos,
+            stop_strings: cfg.stop_strings.clone(),
+            top_logprobs: None,
+            prompt_logprobs: false,
+        };
+        sched.submit(i as RequestId, req)?;
+    }
     let mut stats = GenerationStats {
         prompt_tokens: prompts.iter().map(Vec::len).sum(),
         ..Default::default()
     };
-
-    // Prefill every prompt in one ragged batch.
-    let seqs: Vec<SeqId> = prompts.iter().map(|_| engine.add_sequence()).collect();
-    let batch: Vec<BatchEntry> = seqs
+    let mut completions: Vec<Completion> = prompts
         .iter()
-        .zip(&prompts)
-        .map(|(&seq, p)| BatchEntry {
-            seq,
-            tokens: p,
-            logits: LogitsFor::Last,
-        })
-        .collect();
-    let logits = match engine.forward(&batch) {
-        Ok(l) => l,
-        Err(e) => {
-            seqs.iter().for_each(|&s| engine.remove_sequence(s));
-            return Err(e);
-        }
-    };
-    stats.prefill_time = start.elapsed();
-
-    // Fork each prompt's cache for its extra samples; every sample draws its first token.
-    let mut live = Vec::new();
-    let mut scratch = Vec::new();
-    for (pi, (&seq, prompt)) in seqs.iter().zip(&prompts).enumerate() {
-        for si in 0..cfg.num_return_sequences {
-            let seq = if si == 0 {
-                seq
-            } else {
-                engine.fork_sequence(seq)?
-            };
-            live.push(Live {
-                seq,
+        .enumerate()
+        .flat_map(|(pi, p)| {
+            (0..cfg.num_return_sequences).map(move |si| Completion {
                 prompt_index: pi,
                 sample_index: si,
-                history: prompt.clone(),
-                prompt_len: prompt.len(),
-                rng: SeqRng::new(cfg.seed, pi, si),
-                stream: TextStream::new(&cfg.stop_strings),
-                finish: None,
-            });
-        }
-    }
-    if cfg.max_new_tokens == 0 {
-        for l in &mut live {
-            l.finish = Some(FinishReason::Length);
-            engine.remove_sequence(l.seq);
-        }
-    }
-    let mut step_logits: Vec<Vec<f32>> = (0..prompts.len())
-        .map(|i| logits.last(i).expect("asked for the last logits").to_vec())
-        .collect();
-    let mut rows_of: Vec<usize> = live.iter().map(|l| l.prompt_index).collect();
-
-    let mut first_token_done = false;
-    let mut decode_start = Instant::now();
-    loop {
-        // Pick each live sequence's next token from its row of logits.
-        for (l, &row) in live.iter_mut().zip(&rows_of) {
-            if l.finish.is_some() {
-                continue;
-            }
-            let tok = sampling::pick(
-                &step_logits[row],
-                &l.history,
-                &cfg.sampling,
-                &mut l.rng,
-                &mut scratch,
-            );
-            l.history.push(tok);
-            let generated = l.history.len() - l.prompt_len;
-            if cfg.stop_at_eos && tok == model.eos_token_id {
-                l.finish = Some(FinishReason::Eos);
-            } else {
-                let (text, stopped) = l.stream.push(tokenizer.token_bytes(tok));
-                emit(on_text, l, &text);
-                if stopped {
-                    l.finish = Some(FinishReason::Stop);
-                }
-            }
-            if l.finish.is_none()
-                && (generated >= cfg.max_new_tokens || l.history.len() >= model.n_positions)
-            {
-                l.finish = Some(FinishReason::Length);
-            }
-            if l.finish.is_some() {
-                let rest = l.stream.finish();
-                emit(on_text, l, &rest);
-                engine.remove_sequence(l.seq);
-            }
-        }
-        if !first_token_done {
-            stats.time_to_first_token = start.elapsed();
-            first_token_done = true;
-            decode_start = Instant::now();
-        }
-        // Feed the new tokens of the sequences still running.
-        let running: Vec<usize> = (0..live.len())
-            .filter(|&i| live[i].finish.is_none())
-            .collect();
-        if running.is_empty() {
-            break;
-        }
-        let batch: Vec<BatchEntry> = running
-            .iter()
-            .map(|&i| BatchEntry {
-                seq: live[i].seq,
-                tokens: std::slice::from_ref(live[i].history.last().expect("has a token")),
-                logits: LogitsFor::Last,
+                prompt_tokens: p.clone(),
+                tokens: Vec::new(),
+                text: String::new(),
+                finish_reason: FinishReason::Length,
             })
-            .collect();
-        let logits = match engine.forward(&batch) {
-            Ok(l) => l,
-            Err(e) => {
-                live.iter()
-                    .filter(|l| l.finish.is_none())
-                    .for_each(|l| engine.remove_sequence(l.seq));
-                return Err(e);
-            }
-        };
-        step_logits = (0..running.len())
-            .map(|i| logits.last(i).expect("asked for the last logits").to_vec())
-            .collect();
-        rows_of = vec![usize::MAX; live.len()];
-        for (row, &i) in running.iter().enumerate() {
-            rows_of[i] = row;
-        }
-        stats.decode_steps += 1;
-        stats.decode_tokens += running.len();
-    }
-    stats.decode_time = decode_start.elapsed();
-
-    let completions = live
-        .into_iter()
-        .map(|l| Completion {
-            prompt_index: l.prompt_index,
-            sample_index: l.sample_index,
-            tokens: l.history[l.prompt_len..].to_vec(),
-            prompt_tokens: l.history[..l.prompt_len].to_vec(),
-            text: l.stream.text().to_string(),
-            finish_reason: l.finish.unwrap_or(FinishReason::Length),
         })
         .collect();
+
+    let start = Instant::now();
+    let mut decode_start = start;
+    let mut first = true;
+    while !sched.is_idle() {
+        let report = sched.step(engine, tokenizer);
+        if let Some((e, _)) = report.failed {
+            request_ids_cancel(&mut sched, engine);
+            return Err(e);
+        }
+        if first {
+            stats.prefill_time = report.forward_time;
+            stats.time_to_first_token = start.elapsed();
+            decode_start = Instant::now();
+            first = false;
+        } else {
+            stats.decode_steps += 1;
+            stats.decode_tokens += report.decode_tokens;
+        }
+        for (id, event) in report.events {
+            let pi = id as usize;
+            let (si, text) = match event {
+                Event::Token {
+                    sample,
+                    token,
+                    text,
+                    ..
+                } => {
+                    completions[pi * cfg.num_return_sequences + sample]
+                        .tokens
+                        .push(token);
+                    (sample, text)
+                }
+                Event::Finished {
+                    sample,
+                    reason,
+                    text,
+                } => {
+                    completions[pi * cfg.num_return_sequences + sample].finish_reason = reason;
+                    (sample, text)
+                }
+                Event::PromptLogprobs(_) => continue,
+            };
+            if !text.is_empty() {
+                completions[pi * cfg.num_return_sequences + si]
+                    .text
+                    .push_str(&text);
+                on_text(TextEvent {
+                    prompt_index: pi,
+                    sample_index: si,
+                    text: &text,
+                });
+            }
+        }
+    }
+    stats.decode_time = decode_start.elapsed();
     Ok((completions, stats))
 }
 
-fn emit(on_text: &mut dyn FnMut(TextEvent<'_>), l: &Live, text: &str) {
-    if !text.is_empty() {
-        on_text(TextEvent {
-            prompt_index: l.prompt_index,
-            sample_index: l.sample_index,
-            text,
-        });
+/// Drops whatever the scheduler still holds (after a failed pass).
+fn request_ids_cancel(sched: &mut Scheduler, engine: &mut dyn Engine) {
+    let ids: Vec<RequestId> = sched.request_ids().collect();
+    for id in ids {
+        sched.cancel(engine, id);
     }
 }
