@@ -31,6 +31,11 @@ pub enum Command {
     /// Measure prefill and decode speed across models, precisions and batch sizes, held
     /// against this machine's memory bandwidth and FLOP/s.
     Bench(BenchArgs),
+    /// Serve the model over HTTP with OpenAI's completions API and continuous batching.
+    Serve(ServeArgs),
+    /// Load-test a running `gpt2rs serve` (loopback): concurrent streaming clients, throughput
+    /// and latency percentiles, every answer checked.
+    Loadtest(LoadtestArgs),
 }
 
 /// Which model to load.
@@ -207,4 +212,77 @@ pub struct BenchArgs {
     /// Also draw decode tok/s against model size with the roofline (.svg or .png).
     #[arg(long, value_name = "FILE")]
     pub plot: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Where to run: cpu, or cuda / cuda:N for GPU N (builds with `--features cuda`).
+    #[arg(long, default_value = "cpu", conflicts_with = "devices")]
+    pub device: String,
+    /// Several engines in one server, one per device, comma-separated: GPU numbers (0,1,…)
+    /// or device names (cuda:0,cuda:1). Requests go to the least loaded engine.
+    #[arg(long, value_delimiter = ',')]
+    pub devices: Vec<String>,
+    /// Address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// The model's name in the API (default: the --model value, or gpt2 for synthetic weights).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Sequences decoded together per engine; more raise throughput and each token's latency.
+    #[arg(long, default_value_t = 32)]
+    pub max_batch: usize,
+    /// Prompt tokens prefilled per engine step, shared by newcomers (smaller: steadier
+    /// inter-token latency for running sequences; larger: faster time to first token).
+    #[arg(long, default_value_t = 64)]
+    pub prefill_chunk: usize,
+    /// Requests waiting for a place in the batch before new ones get 429 (with Retry-After).
+    #[arg(long, default_value_t = 256)]
+    pub max_queue: usize,
+    /// Largest max_tokens a request may ask for (default: the model's context).
+    #[arg(long)]
+    pub max_tokens: Option<usize>,
+    /// Seconds from a request's arrival to its last token before it ends with 504.
+    #[arg(long, default_value_t = 300)]
+    pub request_timeout: u64,
+    /// Largest request body in bytes (413 beyond).
+    #[arg(long, default_value_t = 1 << 20)]
+    pub body_limit: usize,
+    /// After SIGINT/SIGTERM, seconds in-flight requests may run before they are cancelled.
+    #[arg(long, default_value_t = 30)]
+    pub shutdown_grace: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct LoadtestArgs {
+    /// The server's base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// Concurrent streaming clients.
+    #[arg(long, default_value_t = 64)]
+    pub clients: usize,
+    /// Requests in all (bounded: the test ends when they are answered).
+    #[arg(long, default_value_t = 128)]
+    pub requests: usize,
+    /// Prompt length in tokens: N or MIN-MAX (uniform).
+    #[arg(long, default_value = "8-128")]
+    pub prompt_tokens: String,
+    /// max_tokens per request: N or MIN-MAX (uniform).
+    #[arg(long, default_value = "16-64")]
+    pub max_tokens: String,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Seconds a request may take before it counts as lost.
+    #[arg(long, default_value_t = 600)]
+    pub timeout: u64,
+    /// Also send the same requests one at a time and print the speed-up.
+    #[arg(long)]
+    pub compare_sequential: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }

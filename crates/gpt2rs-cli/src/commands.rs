@@ -34,7 +34,7 @@ fn weight_format(args: &ModelArgs) -> Result<Option<WeightFormat>> {
 }
 
 /// Loads the model and says on stderr what was loaded (loudly, when the weights are random).
-fn load(args: &ModelArgs) -> Result<LoadedModel> {
+pub fn load(args: &ModelArgs) -> Result<LoadedModel> {
     load_in(args, weight_format(args)?)
 }
 

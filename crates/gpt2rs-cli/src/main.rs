@@ -4,6 +4,7 @@ mod args;
 mod bench;
 mod commands;
 mod device;
+mod serve;
 
 use clap::Parser;
 
@@ -24,6 +25,8 @@ fn main() {
         args::Command::Info(a) => commands::info(a),
         args::Command::Quantize(a) => commands::quantize(a),
         args::Command::Bench(a) => commands::bench(a),
+        args::Command::Serve(a) => serve::serve(a),
+        args::Command::Loadtest(a) => serve::loadtest(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

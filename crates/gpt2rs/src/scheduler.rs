@@ -239,6 +239,11 @@ impl Scheduler {
         self.active.iter().map(Active::sequences).sum()
     }
 
+    /// Ids of the requests not yet admitted.
+    pub fn waiting_ids(&self) -> impl Iterator<Item = RequestId> + '_ {
+        self.waiting.iter().map(|(id, _)| *id)
+    }
+
     /// Ids of every request the scheduler holds, waiting or running.
     pub fn request_ids(&self) -> impl Iterator<Item = RequestId> + '_ {
         self.waiting
