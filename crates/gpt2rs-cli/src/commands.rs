@@ -545,7 +545,14 @@ pub fn bench(a: crate::args::BenchArgs) -> Result<()> {
             hw.mem_read_gbs, hw.f32_fma_peak_gflops
         ));
     }
-    if backends.iter().any(|b| *b != backend::Backend::Cpu) {
+    let on_gpu = backends.iter().any(|b| *b != backend::Backend::Cpu);
+    if on_gpu && plan.compare.is_some() {
+        notes.push(
+            "--compare runs transformers on the CPU in f32, so only the cpu f32 rows are compared"
+                .into(),
+        );
+    }
+    if on_gpu {
         notes.push(
             "cuda rows: decode roofline: weight bytes (in the row's format) + KV cache (in the same precision) read per step / \
              the GPU's device-to-device copy bandwidth (bytes read + bytes written, see gpu above); prefill roofline: \

@@ -337,6 +337,8 @@ fn bench_measures_each_row_and_lists_what_it_skipped() {
 
     let csv = ok(&[
         "bench",
+        "--device",
+        "cpu",
         "--models",
         &model(),
         "--prompt-len",
