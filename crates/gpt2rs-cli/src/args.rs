@@ -187,10 +187,10 @@ pub struct BenchArgs {
     /// Measured runs per configuration, after one warm-up run.
     #[arg(long, default_value_t = 3)]
     pub reps: usize,
-    /// Backend: cpu (bench measures the CPU backend only so far; time the GPU with
-    /// `gpt2rs generate --device cuda`).
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    /// Backends, comma-separated: cpu, cuda (GPU 0), cuda:N, or all (default: the CPU and
+    /// every GPU the CUDA backend can use; that needs a build with `--features cuda`).
+    #[arg(long, value_delimiter = ',')]
+    pub device: Vec<String>,
     /// Everything: all models (distilgpt2 too), batches 1,8,32, prompts 32,128,512, 64 new tokens.
     #[arg(long)]
     pub full: bool,

@@ -452,14 +452,10 @@ fn describe_files(ckpt: &Checkpoint) -> String {
 }
 
 pub fn bench(a: crate::args::BenchArgs) -> Result<()> {
-    use crate::bench::{hardware, plot, report, sweep, types};
-    if a.device != "cpu" {
-        bail!(
-            "bench measures the cpu backend only so far (device '{}' asked for); time the GPU \
-             with `gpt2rs generate --device cuda`, which prints prefill and decode speed",
-            a.device
-        );
-    }
+    use crate::bench::{backend, gpu, hardware, plot, report, sweep, types};
+    let (mut gpus, no_gpu) = gpu::scan();
+    let (mut backends, mut notes) =
+        backend::select(&a.device, &gpus, &no_gpu, gpu::BUILT_WITH_CUDA)?;
     if let Some(engine) = &a.compare {
         if engine != "transformers" {
             bail!("--compare knows only 'transformers', got '{engine}'");
@@ -522,23 +518,50 @@ pub fn bench(a: crate::args::BenchArgs) -> Result<()> {
         reps: a.reps,
         compare,
     };
+    // The GPUs' ceilings first: a GPU that cannot be measured is left out with the reason.
+    for b in backends.clone() {
+        if let backend::Backend::Cuda(n) = b {
+            eprintln!("measuring cuda:{n}'s memory bandwidth and GEMM rate…");
+            if let Err(e) = gpu::measure(&mut gpus, n) {
+                notes.push(format!("cuda:{n} not measured: {e:#}"));
+                backends.retain(|&x| x != b);
+            }
+        }
+    }
     eprintln!("measuring this machine's memory bandwidth and FLOP/s…");
-    let hw = hardware::probe();
-    let rows = sweep::run(&plan, &hw);
-    let mut notes = Vec::new();
+    let hw = hardware::probe(gpus);
+    let rows = sweep::run(&plan, &hw, &backends);
     if rows.iter().any(|r| r.synthetic) {
-        notes.push(
+        notes.insert(
+            0,
             "synthetic = random weights of the exact shape (speed is the same as trained weights)"
                 .into(),
         );
     }
-    notes.push(format!(
-        "decode roofline: weight bytes (in the row's format) + KV cache read per step / {:.1} GB/s measured read bandwidth; \
-         prefill roofline: 2 FLOPs per non-embedding weight per token / {:.1} GFLOP/s measured FMA peak",
-        hw.mem_read_gbs, hw.f32_fma_peak_gflops
-    ));
-    if hw.gpus.iter().any(|g| !g.usable) {
-        notes.push("GPUs were found, but this build has no GPU backend yet: their bandwidth and speed are not measured".into());
+    if backends.contains(&backend::Backend::Cpu) {
+        notes.push(format!(
+            "cpu rows: decode roofline: weight bytes (in the row's format) + KV cache (f32) read per step / {:.1} GB/s measured read bandwidth; \
+             prefill roofline: 2 FLOPs per non-embedding weight per token / {:.1} GFLOP/s measured FMA peak; peak mem: the process's peak resident memory",
+            hw.mem_read_gbs, hw.f32_fma_peak_gflops
+        ));
+    }
+    let on_gpu = backends.iter().any(|b| *b != backend::Backend::Cpu);
+    if on_gpu && plan.compare.is_some() {
+        notes.push(
+            "--compare runs transformers on the CPU in f32, so only the cpu f32 rows are compared"
+                .into(),
+        );
+    }
+    if on_gpu {
+        notes.push(
+            "cuda rows: decode roofline: weight bytes (in the row's format) + KV cache (in the same precision) read per step / \
+             the GPU's device-to-device copy bandwidth (bytes read + bytes written, see gpu above); prefill roofline: \
+             2 FLOPs per non-embedding weight per token / the GPU's cuBLAS GEMM rate: the f16 rate for f16 and bf16 rows \
+             (same tensor cores), the plain-f32 rate (no TF32) for f32 rows; peak mem (GPU): GPU memory the engine held at \
+             its peak (weights, KV caches of the whole context, scratch, cuBLAS workspace), from cuMemGetInfo; \
+             prefill and TTFT include allocating and zeroing the KV caches"
+                .into(),
+        );
     }
     let report = types::Report {
         header: types::Header {

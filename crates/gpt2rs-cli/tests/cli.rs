@@ -294,6 +294,8 @@ fn synthetic_weights_are_labelled() {
 fn bench_measures_each_row_and_lists_what_it_skipped() {
     let out = ok(&[
         "bench",
+        "--device",
+        "cpu",
         "--models",
         &model(),
         "--dtypes",
@@ -335,6 +337,8 @@ fn bench_measures_each_row_and_lists_what_it_skipped() {
 
     let csv = ok(&[
         "bench",
+        "--device",
+        "cpu",
         "--models",
         &model(),
         "--prompt-len",
@@ -350,6 +354,53 @@ fn bench_measures_each_row_and_lists_what_it_skipped() {
     assert_eq!(csv.lines().count(), 2, "header and one row: {csv}");
     fails(&["bench", "--dtypes", "f8"], "unknown weight precision");
     fails(&["bench", "--models", "no-such-owner/no-such-model"], "");
+    fails(&["bench", "--device", "tpu"], "cpu, cuda, cuda:N or all");
+}
+
+/// The GPU path of bench: f16 measured with its GPU memory and GPU ceilings, int8 skipped with
+/// the reason. Without a usable GPU (or without the feature) it says so and checks the error.
+#[test]
+fn bench_on_the_gpu_or_says_why_not() {
+    let args = [
+        "bench",
+        "--device",
+        "cuda",
+        "--models",
+        &model(),
+        "--dtypes",
+        "f16,int8",
+        "--prompt-len",
+        "5",
+        "--new-tokens",
+        "3",
+        "--reps",
+        "2",
+        "--json",
+    ];
+    if !cfg!(feature = "cuda") {
+        eprintln!("skipped (built without the cuda feature): checking the error instead");
+        return fails(&args, "--features cuda");
+    }
+    let out = run(&args);
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("GPU"), "{err}");
+        assert!(std::env::var_os("GPT2RS_REQUIRE_GPU").is_none(), "{err}");
+        eprintln!("skipped (no usable GPU): {err}");
+        return;
+    }
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let gpu = &report["hardware"]["gpus"][0];
+    assert!(gpu["ceilings"]["copy_gbs"].as_f64().unwrap() > 0.0, "{gpu}");
+    assert!(gpu["ceilings"]["f16_gemm_tflops"].as_f64().unwrap() > 0.0);
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(rows[0]["backend"], "cuda:0");
+    assert!(rows[0]["skipped"].is_null(), "{}", rows[0]);
+    assert!(rows[0]["decode_tok_s"]["median"].as_f64().unwrap() > 0.0);
+    assert!(rows[0]["decode_roofline"].as_f64().unwrap() > 0.0);
+    assert!(rows[0]["gpu_memory_bytes"].as_u64().unwrap() > 0);
+    assert!(rows[1]["skipped"].as_str().unwrap().contains("CPU only"));
 }
 
 #[test]

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 const KERNELS: &str = include_str!("kernels.cu");
 /// Bytes of cuBLAS workspace (NVIDIA suggests 32 MiB on Hopper).
-const CUBLAS_WORKSPACE: usize = 32 << 20;
+pub(crate) const CUBLAS_WORKSPACE: usize = 32 << 20;
 
 /// An open GPU with our kernels loaded.
 pub struct Device {
@@ -29,7 +29,7 @@ pub fn device_err<E: std::fmt::Debug>(what: &str) -> impl Fn(E) -> Error + '_ {
 }
 
 /// The CUDA libraries this backend loads, and whether each is present.
-fn missing_libraries() -> Vec<&'static str> {
+pub(crate) fn missing_libraries() -> Vec<&'static str> {
     let mut missing = vec![];
     // SAFETY: these only try to load the shared libraries.
     unsafe {

@@ -6,7 +6,7 @@
 //! layer norm → MLP GEMM → bias + GELU → MLP GEMM. GEMMs are cuBLAS (inputs in the weights'
 //! precision, f32 accumulation and output); the rest are the kernels of `kernels.cu`.
 
-use crate::device::{device_err, Device};
+use crate::device::{device_err, Device, CUBLAS_WORKSPACE};
 use crate::weights::{DeviceMatrix, DeviceModel, Precision};
 use cudarc::cublas::sys::{
     cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t,
@@ -16,6 +16,7 @@ use cudarc::driver::{CudaFunction, CudaGraph, CudaSlice, DevicePtr, LaunchConfig
 use gpt2rs::config::{Activation, Gpt2Config};
 use gpt2rs::engine::{BatchEntry, Engine, Logits, LogitsFor, SeqId};
 use gpt2rs::memory::Bytes;
+use gpt2rs::quant::DType;
 use gpt2rs::weights::ModelWeights;
 use gpt2rs::{Error, Result};
 use std::collections::{HashMap, HashSet};
@@ -156,8 +157,30 @@ impl CudaEngine {
 
     /// Bytes of one sequence's KV cache (the whole context, allocated at once).
     pub fn cache_bytes_per_sequence(&self) -> u64 {
-        let c = &self.config;
-        (2 * c.n_layer * c.n_positions * c.n_embd * self.precision.size()) as u64
+        cache_bytes(&self.config, self.precision)
+    }
+
+    /// The GPU memory an engine for `config` in `dtype` takes to run `sequences` sequences
+    /// in passes of up to `rows` rows (tokens), before it is opened; an error when the
+    /// backend does not run `dtype`. Mirrors what [`Self::new`], `prepare` and `forward`
+    /// allocate, so bench can skip what does not fit instead of failing midway.
+    pub fn memory_needed(
+        config: &Gpt2Config,
+        dtype: DType,
+        sequences: usize,
+        rows: usize,
+    ) -> Result<MemoryNeeded> {
+        let p = Precision::for_dtype(dtype)?;
+        let (c, inner, es) = (config.n_embd, config.n_inner, p.size());
+        let cap = rows.next_power_of_two().max(64);
+        // x, h, qkv, q, att, y, m32, m: the scratch buffers of `forward`.
+        let per_row = c * 4 + c * es + 3 * c * 4 + c * 4 + c * es + c * 4 + inner * 4 + inner * es;
+        let logits = sequences.next_power_of_two() * config.vocab_size * 4;
+        Ok(MemoryNeeded {
+            weights: DeviceModel::bytes_for(config, !config.tie_word_embeddings, p),
+            kv_cache: sequences as u64 * cache_bytes(config, p),
+            scratch: (cap * per_row + cap * 20 + logits) as u64 + CUBLAS_WORKSPACE as u64,
+        })
     }
 
     fn launch(&self, f: &CudaFunction, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
@@ -526,6 +549,27 @@ impl CudaEngine {
         }
         Ok(())
     }
+}
+
+/// GPU memory an engine needs, by what it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryNeeded {
+    pub weights: u64,
+    /// Every sequence's cache covers the whole context.
+    pub kv_cache: u64,
+    /// Activations of the largest pass, the logits, the cuBLAS workspace.
+    pub scratch: u64,
+}
+
+impl MemoryNeeded {
+    pub fn total(&self) -> u64 {
+        self.weights + self.kv_cache + self.scratch
+    }
+}
+
+/// Bytes of one sequence's KV cache in `p`: keys and values of every layer and position.
+fn cache_bytes(c: &Gpt2Config, p: Precision) -> u64 {
+    (2 * c.n_layer * c.n_positions * c.n_embd * p.size()) as u64
 }
 
 impl Engine for CudaEngine {

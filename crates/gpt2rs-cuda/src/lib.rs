@@ -8,12 +8,14 @@
 //! compiled by NVRTC for the GPU present and cached under `~/.cache/gpt2rs`.
 //!
 //! Status: f32, f16 and bf16 weights; the whole forward pass on the GPU, checked against the
-//! CPU engine on the device machine. Not yet: int8/int4 weights on the GPU, CUDA graphs,
-//! sampling on the device, a flash-decoding attention kernel (see docs/benchmarks.md).
+//! CPU engine on the device machine; decode steps replay CUDA graphs. Not yet: int8/int4
+//! weights on the GPU, sampling on the device, a flash-decoding attention kernel (see
+//! docs/benchmarks.md). [`probe`] measures a GPU's ceilings for `gpt2rs bench`.
 
 mod device;
 mod engine;
+pub mod probe;
 mod weights;
 
-pub use engine::CudaEngine;
+pub use engine::{CudaEngine, MemoryNeeded};
 pub use weights::Precision;

@@ -5,6 +5,7 @@
 use crate::device::{device_err, Device};
 use cudarc::cublas::sys::cudaDataType_t;
 use cudarc::driver::{CudaSlice, DevicePtr};
+use gpt2rs::config::Gpt2Config;
 use gpt2rs::quant::{DType, QData, QMatrix};
 use gpt2rs::weights::{ModelWeights, Norm};
 use gpt2rs::{Error, Result};
@@ -177,8 +178,13 @@ pub struct DeviceModel {
 impl DeviceModel {
     /// Bytes the model takes on the GPU in precision `p`.
     pub fn bytes(w: &ModelWeights, p: Precision) -> u64 {
-        let c = &w.config;
-        let matrices = (c.vocab_size * c.n_embd) as u64 * if w.lm_head.is_some() { 2 } else { 1 }
+        Self::bytes_for(&w.config, w.lm_head.is_some(), p)
+    }
+
+    /// Bytes a model of shape `c` takes on the GPU in precision `p`, with or without a
+    /// separate LM head.
+    pub fn bytes_for(c: &Gpt2Config, separate_head: bool, p: Precision) -> u64 {
+        let matrices = (c.vocab_size * c.n_embd) as u64 * if separate_head { 2 } else { 1 }
             + c.n_layer as u64 * (4 * c.n_embd * c.n_embd + 2 * c.n_embd * c.n_inner) as u64;
         let vectors = (c.n_positions * c.n_embd
             + 2 * c.n_embd

@@ -1,10 +1,11 @@
-//! What machine this is: CPU, memory, GPUs, and the ceilings measured on it.
+//! What machine this is: CPU, memory, GPUs, and the CPU's ceilings measured on it.
 
 use super::types::{Gpu, Hardware};
 use gpt2rs::cpu::{roofline, simd};
 
-/// Detects the machine and measures its ceilings (a few seconds).
-pub fn probe() -> Hardware {
+/// Detects the machine and measures the CPU's ceilings (a few seconds); `gpus` were found
+/// beforehand (their ceilings are measured apart, for the GPUs benched).
+pub fn probe(gpus: Vec<Gpu>) -> Hardware {
     // 2 GiB (or a quarter of what is free): well past any cache, small enough to be quick.
     let free = gpt2rs::memory::available().map_or(u64::MAX, |b| b.0 / 4);
     let bandwidth = roofline::read_bandwidth((2u64 << 30).min(free) as usize, 5);
@@ -16,7 +17,7 @@ pub fn probe() -> Hardware {
         simd: simd::isa_name().to_string(),
         ram_total_bytes: ram_total(),
         ram_available_bytes: gpt2rs::memory::available().map(|b| b.0),
-        gpus: gpus(),
+        gpus,
         mem_read_gbs: bandwidth / 1e9,
         f32_fma_peak_gflops: roofline::fma_peak(3) / 1e9,
         f32_gemm_gflops: roofline::gemm_rate(1024, 3) / 1e9,
@@ -48,8 +49,9 @@ fn ram_total() -> Option<u64> {
         .ok()
 }
 
-/// NVIDIA GPUs, from nvidia-smi when it is installed, else from the driver's /proc entries.
-fn gpus() -> Vec<Gpu> {
+/// NVIDIA GPUs, from nvidia-smi when it is installed, else from the driver's /proc entries
+/// (names and memory only: which the CUDA backend can use is for `gpu::scan` to say).
+pub fn listed_gpus() -> Vec<Gpu> {
     if let Some(out) = command_output(
         "nvidia-smi",
         &[
@@ -64,7 +66,10 @@ fn gpus() -> Vec<Gpu> {
                 Some(Gpu {
                     name: name.trim().to_string(),
                     memory_bytes: mib.trim().parse::<u64>().ok().map(|m| m << 20),
+                    ordinal: None,
                     usable: false,
+                    note: None,
+                    ceilings: None,
                 })
             })
             .collect();
@@ -82,7 +87,10 @@ fn gpus() -> Vec<Gpu> {
         Some(Gpu {
             name,
             memory_bytes: None,
+            ordinal: None,
             usable: false,
+            note: None,
+            ceilings: None,
         })
     })
     .collect()

@@ -170,7 +170,7 @@ impl Data {
         Ok(Self {
             title: format!(
                 "GPT-2 decode speed, batch {batch}: {}, {date}",
-                r.hardware.cpu_model
+                super::report::machine(r)
             ),
             series,
             x: (x0 / 1.5, x1 * 1.5),

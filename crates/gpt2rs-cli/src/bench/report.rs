@@ -60,7 +60,7 @@ pub fn json(r: &Report) -> String {
 /// One header line and one line per row, with flat columns; nothing else (the header and the
 /// machine are in the JSON and Markdown outputs).
 pub fn csv(r: &Report) -> String {
-    const HEADER: [&str; 27] = [
+    const HEADER: [&str; 28] = [
         "backend",
         "model",
         "synthetic",
@@ -80,6 +80,7 @@ pub fn csv(r: &Report) -> String {
         "decode_tok_s_max",
         "decode_ms_per_step_median",
         "peak_memory_bytes",
+        "gpu_memory_bytes",
         "decode_roofline",
         "prefill_roofline",
         "decode_ceiling_tok_s",
@@ -116,6 +117,9 @@ pub fn csv(r: &Report) -> String {
             row.peak_memory_bytes
                 .map(|b| b.to_string())
                 .unwrap_or_default(),
+            row.gpu_memory_bytes
+                .map(|b| b.to_string())
+                .unwrap_or_default(),
             f(row.decode_roofline),
             f(row.prefill_roofline),
             f(row.decode_ceiling_tok_s),
@@ -137,7 +141,8 @@ pub fn markdown(r: &Report) -> String {
     let date = r.header.date_utc.get(..10).unwrap_or(&r.header.date_utc);
     let mut out = format!(
         "### gpt2rs {} on {}, {date}\n\n",
-        r.header.gpt2rs_version, r.hardware.cpu_model
+        r.header.gpt2rs_version,
+        machine(r)
     );
     for (label, value) in info_lines(r) {
         let value = if label == "command" {
@@ -174,6 +179,17 @@ pub fn markdown(r: &Report) -> String {
         }
     }
     out
+}
+
+/// The machine in a few words: the CPU, and the GPUs whose rows are in the report.
+pub fn machine(r: &Report) -> String {
+    let mut parts = vec![r.hardware.cpu_model.clone()];
+    for g in r.hardware.gpus.iter().filter(|g| g.ceilings.is_some()) {
+        if !parts.contains(&g.name) {
+            parts.push(g.name.clone());
+        }
+    }
+    parts.join(" + ")
 }
 
 /// A table column.
@@ -286,7 +302,10 @@ fn cells(row: &Row, n_cols: usize) -> Line {
         opt(row.ttft_ms.map(|s| s.median), num),
         stat(row.decode_tok_s),
         opt(row.decode_ms_per_step.map(|s| s.median), num),
-        opt(row.peak_memory_bytes, bytes),
+        match row.gpu_memory_bytes {
+            Some(b) => format!("{} (GPU)", bytes(b)),
+            None => opt(row.peak_memory_bytes, bytes),
+        },
         opt(row.decode_roofline, percent),
         opt(row.prefill_roofline, percent),
     ]);
@@ -336,17 +355,32 @@ fn info_lines(r: &Report) -> Vec<(&'static str, String)> {
         v.push(("gpu", "none found".into()));
     }
     for g in &hw.gpus {
-        let mut s = g.name.clone();
+        let mut s = match g.ordinal {
+            Some(n) => format!("cuda:{n} {}", g.name),
+            None => g.name.clone(),
+        };
         if let Some(m) = g.memory_bytes {
             s += &format!(", {}", bytes(m));
         }
-        if !g.usable {
-            s += " (not measured: bench times the CPU backend only so far)";
+        match (&g.ceilings, &g.note) {
+            (Some(c), _) => {
+                s += &format!(
+                "; ceilings: copy {} GB/s (bytes read + written, {} buffer), f16 GEMM {} TFLOP/s, \
+                     f32 GEMM {} TFLOP/s (cuBLAS, {n}³)",
+                num(c.copy_gbs),
+                bytes(c.copy_bytes),
+                num(c.f16_gemm_tflops),
+                num(c.f32_gemm_tflops),
+                n = c.gemm_n
+            )
+            }
+            (None, Some(why)) => s += &format!(" (not measured: {why})"),
+            (None, None) => s += " (not measured: not in --device)",
         }
         v.push(("gpu", s));
     }
     v.push((
-        "ceilings",
+        "cpu ceilings",
         format!(
             "memory read {} GB/s, f32 FMA peak {} GFLOP/s, f32 GEMM {} GFLOP/s",
             num(hw.mem_read_gbs),
@@ -489,7 +523,7 @@ fn csv_field(s: &str) -> String {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::bench::types::{Comparison, Gpu, Hardware, Header};
+    use crate::bench::types::{Comparison, Gpu, GpuCeilings, Hardware, Header};
 
     /// A small report: a measured row with a comparison, a synthetic one, a skipped one.
     pub(crate) fn sample() -> Report {
@@ -509,6 +543,7 @@ pub(crate) mod tests {
             decode_tok_s: Some(Stat::of(&[decode * 0.98, decode, decode * 1.01])),
             decode_ms_per_step: Some(Stat::of(&[1000.0 / decode])),
             peak_memory_bytes: Some(params * 4 + 150_000_000),
+            gpu_memory_bytes: None,
             decode_roofline: Some(0.63),
             prefill_roofline: Some(0.41),
             decode_ceiling_tok_s: Some(decode / 0.63),
@@ -545,6 +580,11 @@ pub(crate) mod tests {
         skipped.decode_roofline = None;
         skipped.prefill_roofline = None;
         skipped.decode_ceiling_tok_s = None;
+        let mut on_gpu = measured("gpt2", 124_439_808, 1480.0, true);
+        on_gpu.backend = "cuda:0".into();
+        on_gpu.dtype = "f16".into();
+        on_gpu.peak_memory_bytes = None;
+        on_gpu.gpu_memory_bytes = Some(1_234_000_000);
         Report {
             header: Header {
                 gpt2rs_version: "0.1.0".into(),
@@ -560,16 +600,35 @@ pub(crate) mod tests {
                 simd: "avx2+fma".into(),
                 ram_total_bytes: Some(16_000_000_000),
                 ram_available_bytes: None,
-                gpus: vec![Gpu {
-                    name: "NVIDIA H100".into(),
-                    memory_bytes: Some(80_000_000_000),
-                    usable: false,
-                }],
+                gpus: vec![
+                    Gpu {
+                        name: "NVIDIA H200".into(),
+                        memory_bytes: Some(150_000_000_000),
+                        ordinal: Some(0),
+                        usable: true,
+                        note: None,
+                        ceilings: Some(GpuCeilings {
+                            copy_gbs: 4310.0,
+                            copy_bytes: 2 << 30,
+                            f16_gemm_tflops: 702.0,
+                            f32_gemm_tflops: 51.2,
+                            gemm_n: 8192,
+                        }),
+                    },
+                    Gpu {
+                        name: "NVIDIA H100".into(),
+                        memory_bytes: Some(80_000_000_000),
+                        ordinal: None,
+                        usable: false,
+                        note: Some("this gpt2rs was built without the CUDA backend".into()),
+                        ceilings: None,
+                    },
+                ],
                 mem_read_gbs: 12.5,
                 f32_fma_peak_gflops: 150.0,
                 f32_gemm_gflops: 110.0,
             },
-            rows: vec![first, second, skipped],
+            rows: vec![first, second, skipped, on_gpu],
             notes: vec!["synthetic = random weights of the exact shape".into()],
         }
     }
@@ -606,7 +665,10 @@ pub(crate) mod tests {
             "124.4M",
             "1.56B",
             "transformers decode tok/s",
-            "not measured: bench times the CPU backend only so far",
+            "cuda:0 NVIDIA H200, 150.00 GB; ceilings: copy 4310 GB/s (bytes read + written, 2.15 GB buffer), f16 GEMM 702 TFLOP/s, f32 GEMM 51.2 TFLOP/s (cuBLAS, 8192³)",
+            "NVIDIA H100, 80.00 GB (not measured: this gpt2rs was built without the CUDA backend)",
+            "cuda:0   gpt2 (synthetic)",
+            "1.23 GB (GPU)",
             "note: synthetic = random weights",
             "note: transformers 5.23.0 (torch 2.15.0): no numbers for 1 row(s)",
             "memory read 12.5 GB/s",
@@ -640,25 +702,32 @@ pub(crate) mod tests {
         let lines: Vec<&str> = c.lines().collect();
         assert_eq!(lines.len(), r.rows.len() + 1);
         let n = csv_fields(lines[0]).len();
-        assert_eq!(n, 27);
+        assert_eq!(n, 28);
         for line in &lines {
             assert_eq!(csv_fields(line).len(), n, "{line}");
         }
         let second = csv_fields(lines[2]);
         assert_eq!(second[1], "gpt2-medium");
         assert_eq!(second[2], "true");
-        assert_eq!(second[22], "transformers 5.23.0 (torch 2.15.0)");
-        assert_eq!(second[23], "");
+        assert_eq!(second[23], "transformers 5.23.0 (torch 2.15.0)");
+        assert_eq!(second[24], "");
         let skipped = csv_fields(lines[3]);
         assert_eq!(skipped[9], "int4 is not implemented yet");
         assert_eq!(skipped[14], "");
+        let on_gpu = csv_fields(lines[4]);
+        assert_eq!(on_gpu[0], "cuda:0");
+        assert_eq!(
+            (on_gpu[18].as_str(), on_gpu[19].as_str()),
+            ("", "1234000000")
+        );
     }
 
     #[test]
     fn json_parses_back() {
         let r = sample();
         let v: serde_json::Value = serde_json::from_str(&json(&r)).unwrap();
-        assert_eq!(v["rows"].as_array().unwrap().len(), 3);
+        assert_eq!(v["rows"].as_array().unwrap().len(), 4);
+        assert_eq!(v["hardware"]["gpus"][0]["ceilings"]["copy_gbs"], 4310.0);
         assert_eq!(v["hardware"]["cpu_model"], "Test CPU 9000");
     }
 
@@ -668,7 +737,8 @@ pub(crate) mod tests {
         assert!(m.lines().any(|l| l.starts_with("|---")), "{m}");
         assert!(m.contains("- **command**: `gpt2rs bench --compare transformers`"));
         let rows: Vec<&str> = m.lines().filter(|l| l.starts_with("| ")).collect();
-        assert_eq!(rows.len(), 4);
+        assert_eq!(rows.len(), 5);
+        assert!(m.starts_with("### gpt2rs 0.1.0 on Test CPU 9000 + NVIDIA H200, 2026-01-02"));
         let pipes = |l: &str| l.matches('|').count();
         assert!(rows.iter().all(|l| pipes(l) == pipes(rows[0])), "{m}");
         assert!(m.contains("| skipped: int4 is not implemented yet |"));

@@ -1,10 +1,13 @@
-//! The sweep: every (model, precision, batch, prompt length) asked for, measured after a warm-up,
-//! each figure the median of several runs, and each held against the machine's ceilings.
+//! The sweep: every (backend, model, precision, batch, prompt length) asked for, measured
+//! after a warm-up, each figure the median of several runs, and each held against the
+//! ceilings of the backend it ran on.
 
+use super::backend::{self, Backend, Ceiling};
 use super::compare::Transformers;
+use super::gpu::{self, MemoryWatch};
 use super::types::{Hardware, Row, Stat};
 use gpt2rs::config::Gpt2Config;
-use gpt2rs::cpu::CpuEngine;
+use gpt2rs::engine::{BatchEntry, Engine, Logits, SeqId};
 use gpt2rs::generate::{generate, GenerationConfig};
 use gpt2rs::hub::{self, ModelSpec};
 use gpt2rs::memory::Bytes;
@@ -36,130 +39,226 @@ pub struct BenchModel {
     pub synthetic: bool,
 }
 
-/// Runs the plan: one row per configuration, measured or skipped with the reason.
-pub fn run(plan: &Plan, hw: &Hardware) -> Vec<Row> {
+/// Runs the plan on every backend: one row per configuration, measured or skipped with the
+/// reason.
+pub fn run(plan: &Plan, hw: &Hardware, backends: &[Backend]) -> Vec<Row> {
     let mut rows = Vec::new();
     let theirs = plan.compare.as_ref();
-    let total = plan.models.len() * plan.dtypes.len() * plan.batches.len() * plan.prompt_lens.len();
+    let total = backends.len()
+        * plan.models.len()
+        * plan.dtypes.len()
+        * plan.batches.len()
+        * plan.prompt_lens.len();
     let bar = ProgressBar::new(total as u64);
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}] {msg}")
             .expect("valid template"),
     );
-    for m in &plan.models {
-        for &dtype in &plan.dtypes {
-            run_model(plan, hw, m, dtype, theirs, &bar, &mut rows);
+    for &b in backends {
+        for m in &plan.models {
+            for &dtype in &plan.dtypes {
+                let group = Group {
+                    plan,
+                    hw,
+                    backend: b,
+                    model: m,
+                    dtype,
+                };
+                group.run(theirs, &bar, &mut rows);
+            }
         }
     }
     bar.finish_and_clear();
     rows
 }
 
-/// Every batch × prompt-length row of one model in one precision (loaded once for them all).
-fn run_model(
-    plan: &Plan,
-    hw: &Hardware,
-    m: &BenchModel,
+/// Every batch × prompt-length row of one model in one precision on one backend (loaded once
+/// for them all).
+struct Group<'a> {
+    plan: &'a Plan,
+    hw: &'a Hardware,
+    backend: Backend,
+    model: &'a BenchModel,
     dtype: DType,
-    theirs: Option<&Transformers>,
-    bar: &ProgressBar,
-    rows: &mut Vec<Row>,
-) {
-    let (name, config) = (&m.name, &m.config);
-    let format = WeightFormat::new(dtype);
-    let shapes: Vec<(usize, usize)> = plan
-        .batches
-        .iter()
-        .flat_map(|&b| plan.prompt_lens.iter().map(move |&p| (b, p)))
-        .collect();
-    let row = |batch, prompt| empty_row(m, format, batch, prompt, plan.new_tokens);
-    let skip_all = |reason: String, rows: &mut Vec<Row>| {
-        for &(batch, prompt) in &shapes {
-            let mut r = row(batch, prompt);
-            r.skipped = Some(reason.clone());
-            rows.push(r);
-            bar.inc(1);
-        }
-    };
-    // Fit check before building anything: weights plus the largest KV cache of the plan.
-    let max_ctx = shapes
-        .iter()
-        .map(|(b, p)| b * (p + plan.new_tokens))
-        .max()
-        .unwrap_or(0);
-    let needed = format.model_bytes(config) + config.kv_bytes_per_token(4) * max_ctx as u64;
-    if let Some(avail) = hw.ram_available_bytes.filter(|&a| needed > a) {
-        return skip_all(
-            format!(
-                "needs {} of memory, {} available",
-                Bytes(needed),
-                Bytes(avail)
-            ),
-            rows,
-        );
+}
+
+impl Group<'_> {
+    fn shapes(&self) -> Vec<(usize, usize)> {
+        let p = self.plan;
+        p.batches
+            .iter()
+            .flat_map(|&b| p.prompt_lens.iter().map(move |&l| (b, l)))
+            .collect()
     }
-    bar.set_message(format!("loading {name} {dtype}"));
-    reset_peak_memory();
-    let loaded = match model::load_as(&m.spec, 0, &hub::FetchOptions::default(), Some(format)) {
-        Ok(l) => l,
-        Err(e) => return skip_all(format!("cannot load: {e}"), rows),
-    };
-    let tokenizer = loaded.tokenizer;
-    let mut engine = CpuEngine::new(loaded.weights);
-    for (batch, prompt) in shapes {
-        let mut row = row(batch, prompt);
-        if prompt + plan.new_tokens > config.n_positions || prompt == 0 {
-            row.skipped = Some(format!(
-                "prompt {prompt} + {} new tokens do not fit the context of {}",
-                plan.new_tokens, config.n_positions
-            ));
-            rows.push(row);
-            bar.inc(1);
-            continue;
-        }
-        bar.set_message(format!("{name} {dtype} batch {batch} prompt {prompt}"));
-        match measure(
-            &mut engine,
-            &tokenizer,
-            config,
+
+    fn row(&self, batch: usize, prompt: usize) -> Row {
+        let format = WeightFormat::new(self.dtype);
+        empty_row(
+            self.backend,
+            self.model,
+            format,
             batch,
             prompt,
-            plan.new_tokens,
-            plan.reps,
-        ) {
-            Ok(measured) => fill(&mut row, measured, config, format, hw),
-            Err(e) => row.skipped = Some(format!("failed: {e}")),
-        }
-        row.peak_memory_bytes = peak_memory();
-        // transformers runs f32 on the CPU: compare the f32 rows only.
-        if let (Some(t), None, DType::F32) = (theirs, &row.skipped, dtype) {
-            bar.set_message(format!(
-                "{name} batch {batch} prompt {prompt} through transformers"
+            self.plan.new_tokens,
+        )
+    }
+
+    /// Why the row cannot run before anything is loaded: its context, or (on a GPU) memory.
+    fn precheck(&self, batch: usize, prompt: usize, gpu_free: Option<u64>) -> Option<String> {
+        let (c, new) = (&self.model.config, self.plan.new_tokens);
+        if prompt + new > c.n_positions || prompt == 0 {
+            return Some(format!(
+                "prompt {prompt} + {new} new tokens do not fit the context of {}",
+                c.n_positions
             ));
-            // The same weights: the preset's shape at random, or the same directory.
-            let theirs_model = match &m.spec {
-                ModelSpec::Dir(dir) => dir.display().to_string(),
-                _ => name.clone(),
-            };
-            let mut c = t.run(
-                &theirs_model,
-                batch,
-                prompt,
-                plan.new_tokens,
-                hw.threads,
-                plan.reps,
-            );
-            let ours = |s: &Option<Stat>| s.map(|s| s.median);
-            c.decode_speedup = ours(&row.decode_tok_s)
-                .zip(c.decode_tok_s)
-                .map(|(a, b)| a / b);
-            c.prefill_speedup = ours(&row.prefill_tok_s)
-                .zip(c.prefill_tok_s)
-                .map(|(a, b)| a / b);
-            row.compare = Some(c);
         }
-        rows.push(row);
-        bar.inc(1);
+        let free = gpu_free?;
+        match gpu::memory_needed(c, self.dtype, batch, batch * prompt) {
+            Ok((w, kv, scratch)) => {
+                backend::gpu_fit(&backend::label(self.backend), w, kv, scratch, batch, free)
+            }
+            Err(e) => Some(format!("{e:#}")),
+        }
+    }
+
+    fn run(&self, theirs: Option<&Transformers>, bar: &ProgressBar, rows: &mut Vec<Row>) {
+        let (name, config, plan) = (&self.model.name, &self.model.config, self.plan);
+        let format = WeightFormat::new(self.dtype);
+        let device = backend::label(self.backend);
+        let shapes = self.shapes();
+        let skip_all = |reason: String, rows: &mut Vec<Row>| {
+            for &(batch, prompt) in &shapes {
+                let mut r = self.row(batch, prompt);
+                r.skipped = Some(reason.clone());
+                rows.push(r);
+                bar.inc(1);
+            }
+        };
+        if let Some(why) = backend::unsupported(self.backend, self.dtype) {
+            return skip_all(why, rows);
+        }
+        // Host memory before building anything: the weights (on the way to the GPU, for GPU
+        // rows) plus, on the CPU, the largest KV cache of the plan.
+        let max_ctx = match self.backend {
+            Backend::Cpu => shapes
+                .iter()
+                .map(|(b, p)| b * (p + plan.new_tokens))
+                .max()
+                .unwrap_or(0),
+            Backend::Cuda(_) => 0,
+        };
+        let needed = format.model_bytes(config) + config.kv_bytes_per_token(4) * max_ctx as u64;
+        if let Some(avail) = self.hw.ram_available_bytes.filter(|&a| needed > a) {
+            return skip_all(
+                format!(
+                    "needs {} of memory, {} available",
+                    Bytes(needed),
+                    Bytes(avail)
+                ),
+                rows,
+            );
+        }
+        // A GPU's memory is watched from before its engine opens.
+        let mut watch = match self.backend {
+            Backend::Cpu => None,
+            Backend::Cuda(n) => match gpu::MemoryWatch::start(n) {
+                Ok(w) => Some(w),
+                Err(e) => return skip_all(format!("cannot read {device}'s memory: {e:#}"), rows),
+            },
+        };
+        let gpu_free = watch.as_ref().map(|w| w.free_before());
+        let reasons: Vec<Option<String>> = shapes
+            .iter()
+            .map(|&(b, p)| self.precheck(b, p, gpu_free))
+            .collect();
+        if reasons.iter().all(Option::is_some) {
+            for (&(batch, prompt), why) in shapes.iter().zip(reasons) {
+                let mut r = self.row(batch, prompt);
+                r.skipped = why;
+                rows.push(r);
+                bar.inc(1);
+            }
+            return;
+        }
+
+        bar.set_message(format!("loading {name} {} for {device}", self.dtype));
+        reset_peak_memory();
+        let opts = hub::FetchOptions::default();
+        let loaded = match model::load_as(&self.model.spec, 0, &opts, Some(format)) {
+            Ok(l) => l,
+            Err(e) => return skip_all(format!("cannot load: {e}"), rows),
+        };
+        let tokenizer = loaded.tokenizer;
+        let mut engine = match crate::device::open_engine(loaded.weights, &device) {
+            Ok(e) => e,
+            Err(e) => return skip_all(format!("cannot open on {device}: {e:#}"), rows),
+        };
+        for (&(batch, prompt), why) in shapes.iter().zip(reasons) {
+            let mut row = self.row(batch, prompt);
+            if why.is_some() {
+                row.skipped = why;
+                rows.push(row);
+                bar.inc(1);
+                continue;
+            }
+            bar.set_message(format!(
+                "{device} {name} {} batch {batch} prompt {prompt}",
+                self.dtype
+            ));
+            if let Some(w) = &mut watch {
+                w.new_row();
+            }
+            let shape = Shape {
+                batch,
+                prompt_len: prompt,
+                new_tokens: plan.new_tokens,
+                reps: plan.reps,
+            };
+            match measure(engine.as_mut(), &tokenizer, config, shape, watch.as_mut()) {
+                Ok(measured) => fill(
+                    &mut row,
+                    measured,
+                    config,
+                    format,
+                    backend::ceiling(self.backend, self.dtype, self.hw),
+                ),
+                Err(e) => row.skipped = Some(format!("failed: {e}")),
+            }
+            match &watch {
+                Some(w) => row.gpu_memory_bytes = Some(w.peak_used()),
+                None => row.peak_memory_bytes = peak_memory(),
+            }
+            // transformers runs f32 on the CPU: compare the CPU's f32 rows only.
+            let cpu_f32 = self.backend == Backend::Cpu && self.dtype == DType::F32;
+            if let (Some(t), None, true) = (theirs, &row.skipped, cpu_f32) {
+                bar.set_message(format!(
+                    "{name} batch {batch} prompt {prompt} through transformers"
+                ));
+                // The same weights: the preset's shape at random, or the same directory.
+                let theirs_model = match &self.model.spec {
+                    ModelSpec::Dir(dir) => dir.display().to_string(),
+                    _ => name.clone(),
+                };
+                let mut c = t.run(
+                    &theirs_model,
+                    batch,
+                    prompt,
+                    plan.new_tokens,
+                    self.hw.threads,
+                    plan.reps,
+                );
+                let ours = |s: &Option<Stat>| s.map(|s| s.median);
+                c.decode_speedup = ours(&row.decode_tok_s)
+                    .zip(c.decode_tok_s)
+                    .map(|(a, b)| a / b);
+                c.prefill_speedup = ours(&row.prefill_tok_s)
+                    .zip(c.prefill_tok_s)
+                    .map(|(a, b)| a / b);
+                row.compare = Some(c);
+            }
+            rows.push(row);
+            bar.inc(1);
+        }
     }
 }
 
@@ -198,9 +297,16 @@ pub fn resolve(name: &str) -> Result<BenchModel, String> {
     ))
 }
 
-fn empty_row(m: &BenchModel, format: WeightFormat, batch: usize, prompt: usize, new: usize) -> Row {
+fn empty_row(
+    b: Backend,
+    m: &BenchModel,
+    format: WeightFormat,
+    batch: usize,
+    prompt: usize,
+    new: usize,
+) -> Row {
     Row {
-        backend: "cpu".into(),
+        backend: backend::label(b),
         model: m.name.clone(),
         synthetic: m.synthetic,
         params: m.config.param_count(),
@@ -215,11 +321,21 @@ fn empty_row(m: &BenchModel, format: WeightFormat, batch: usize, prompt: usize, 
         decode_tok_s: None,
         decode_ms_per_step: None,
         peak_memory_bytes: None,
+        gpu_memory_bytes: None,
         decode_roofline: None,
         prefill_roofline: None,
         decode_ceiling_tok_s: None,
         compare: None,
     }
+}
+
+/// One row's sizes.
+#[derive(Clone, Copy)]
+struct Shape {
+    batch: usize,
+    prompt_len: usize,
+    new_tokens: usize,
+    reps: usize,
 }
 
 struct Measured {
@@ -230,18 +346,16 @@ struct Measured {
 }
 
 fn measure(
-    engine: &mut CpuEngine,
+    engine: &mut dyn Engine,
     tokenizer: &Tokenizer,
     c: &Gpt2Config,
-    batch: usize,
-    prompt_len: usize,
-    new_tokens: usize,
-    reps: usize,
+    shape: Shape,
+    watch: Option<&mut MemoryWatch>,
 ) -> gpt2rs::Result<Measured> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(42);
-    let prompts: Vec<Vec<u32>> = (0..batch)
+    let prompts: Vec<Vec<u32>> = (0..shape.batch)
         .map(|_| {
-            (0..prompt_len)
+            (0..shape.prompt_len)
                 .map(|_| rng.random_range(0..c.vocab_size as u32))
                 .collect()
         })
@@ -251,15 +365,34 @@ fn measure(
         stop_at_eos: false,
         ..GenerationConfig::default()
     };
-    generate(engine, tokenizer, &prompts, &cfg(2), &mut |_| {})?; // warm-up
+    // The warm-up runs every shape the timed runs will (prefill, a decode step), so GPU
+    // memory is read after each of its passes: the row's KV caches are freed when it ends.
+    match watch {
+        Some(watch) => {
+            let mut watched = Watched {
+                inner: &mut *engine,
+                watch,
+            };
+            generate(&mut watched, tokenizer, &prompts, &cfg(2), &mut |_| {})?;
+        }
+        None => {
+            generate(&mut *engine, tokenizer, &prompts, &cfg(2), &mut |_| {})?;
+        }
+    }
     let mut m = Measured {
         prefill_tok_s: vec![],
         ttft_ms: vec![],
         decode_tok_s: vec![],
         ms_per_step: vec![],
     };
-    for _ in 0..reps.max(1) {
-        let (_, s) = generate(engine, tokenizer, &prompts, &cfg(new_tokens), &mut |_| {})?;
+    for _ in 0..shape.reps.max(1) {
+        let (_, s) = generate(
+            engine,
+            tokenizer,
+            &prompts,
+            &cfg(shape.new_tokens),
+            &mut |_| {},
+        )?;
         m.prefill_tok_s.push(s.prefill_tokens_per_sec());
         m.ttft_ms.push(s.time_to_first_token.as_secs_f64() * 1e3);
         if s.decode_steps > 0 {
@@ -271,24 +404,69 @@ fn measure(
     Ok(m)
 }
 
-fn fill(row: &mut Row, m: Measured, c: &Gpt2Config, format: WeightFormat, hw: &Hardware) {
+/// An engine whose GPU memory is read after every pass.
+struct Watched<'a> {
+    inner: &'a mut dyn Engine,
+    watch: &'a mut MemoryWatch,
+}
+
+impl Engine for Watched<'_> {
+    fn config(&self) -> &Gpt2Config {
+        self.inner.config()
+    }
+
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+
+    fn add_sequence(&mut self) -> SeqId {
+        self.inner.add_sequence()
+    }
+
+    fn fork_sequence(&mut self, parent: SeqId) -> gpt2rs::Result<SeqId> {
+        self.inner.fork_sequence(parent)
+    }
+
+    fn remove_sequence(&mut self, seq: SeqId) {
+        self.inner.remove_sequence(seq)
+    }
+
+    fn sequence_len(&self, seq: SeqId) -> Option<usize> {
+        self.inner.sequence_len(seq)
+    }
+
+    fn forward(&mut self, batch: &[BatchEntry<'_>]) -> gpt2rs::Result<Logits> {
+        let out = self.inner.forward(batch);
+        self.watch.sample();
+        out
+    }
+}
+
+fn fill(
+    row: &mut Row,
+    m: Measured,
+    c: &Gpt2Config,
+    format: WeightFormat,
+    ceiling: Option<Ceiling>,
+) {
     let stat = |v: &[f64]| (!v.is_empty()).then(|| Stat::of(v));
     row.prefill_tok_s = stat(&m.prefill_tok_s);
     row.ttft_ms = stat(&m.ttft_ms);
     row.decode_tok_s = stat(&m.decode_tok_s);
     row.decode_ms_per_step = stat(&m.ms_per_step);
-    // Decode floor: every weight read once per step, plus each sequence's KV cache
-    // (at the mean context length of the run), at the measured read bandwidth.
+    let Some(ceil) = ceiling else { return };
+    // Decode floor: every weight read once per step, plus each sequence's KV cache (at the
+    // mean context length of the run, in the backend's cache precision), at the bandwidth.
     let mean_ctx = row.prompt_len as f64 + row.new_tokens as f64 / 2.0;
     let position_table = 4.0 * (c.n_positions * c.n_embd) as f64; // only one row is read
     let bytes = format.model_bytes(c) as f64 - position_table
-        + row.batch as f64 * mean_ctx * c.kv_bytes_per_token(4) as f64;
-    let ceiling = row.batch as f64 / (bytes / (hw.mem_read_gbs * 1e9));
-    row.decode_ceiling_tok_s = Some(ceiling);
-    row.decode_roofline = row.decode_tok_s.map(|s| s.median / ceiling);
-    // Prefill floor: 2 FLOPs per non-embedding weight per prompt token at the FMA peak.
+        + row.batch as f64 * mean_ctx * c.kv_bytes_per_token(ceil.kv_bytes) as f64;
+    let decode_ceiling = row.batch as f64 / (bytes / ceil.bandwidth);
+    row.decode_ceiling_tok_s = Some(decode_ceiling);
+    row.decode_roofline = row.decode_tok_s.map(|s| s.median / decode_ceiling);
+    // Prefill floor: 2 FLOPs per non-embedding weight per prompt token at the compute rate.
     let matmul_params = (c.params_read_per_token() - (c.vocab_size * c.n_embd) as u64) as f64;
-    let prefill_ceiling = hw.f32_fma_peak_gflops * 1e9 / (2.0 * matmul_params);
+    let prefill_ceiling = ceil.flops / (2.0 * matmul_params);
     row.prefill_roofline = row.prefill_tok_s.map(|s| s.median / prefill_ceiling);
 }
 

@@ -58,8 +58,36 @@ pub struct Header {
 pub struct Gpu {
     pub name: String,
     pub memory_bytes: Option<u64>,
-    /// Whether bench measures it (false: bench times the CPU backend only so far).
+    /// Its `cuda:N` number, when the CUDA driver reported it (nvidia-smi alone gives none).
+    pub ordinal: Option<usize>,
+    /// Whether the CUDA backend can run on it.
     pub usable: bool,
+    /// Why it cannot be used or was not measured.
+    pub note: Option<String>,
+    /// Its ceilings, when this run measured it.
+    pub ceilings: Option<GpuCeilings>,
+}
+
+impl Gpu {
+    /// `Some(N)` for a GPU the CUDA backend can run on as cuda:N.
+    pub fn usable_ordinal(&self) -> Option<usize> {
+        self.ordinal.filter(|_| self.usable)
+    }
+}
+
+/// A GPU's ceilings, measured by gpt2rs-cuda's probe.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct GpuCeilings {
+    /// Device-to-device copy, GB/s, counting bytes read plus bytes written.
+    pub copy_gbs: f64,
+    /// Size of the buffer copied, bytes.
+    pub copy_bytes: u64,
+    /// cuBLAS GEMM, f16 inputs, f32 accumulation and output, TFLOP/s.
+    pub f16_gemm_tflops: f64,
+    /// cuBLAS GEMM in plain f32 (no TF32), TFLOP/s.
+    pub f32_gemm_tflops: f64,
+    /// The products were n × n × n.
+    pub gemm_n: usize,
 }
 
 /// The machine and the ceilings measured on it.
@@ -126,10 +154,14 @@ pub struct Row {
     pub decode_ms_per_step: Option<Stat>,
     /// Peak resident memory of the process during the row, bytes.
     pub peak_memory_bytes: Option<u64>,
+    /// GPU rows: the GPU memory the engine held at its peak (free memory from cuMemGetInfo
+    /// before it was opened, less the least free while it ran), bytes.
+    pub gpu_memory_bytes: Option<u64>,
     /// Decode speed ÷ the bandwidth ceiling (weight bytes in this format + KV bytes per step
-    /// ÷ read bandwidth).
+    /// ÷ the backend's bandwidth: CPU read bandwidth, GPU copy bandwidth).
     pub decode_roofline: Option<f64>,
-    /// Prefill speed ÷ the compute floor (2 · params · tokens ÷ FMA peak).
+    /// Prefill speed ÷ the compute floor (2 · params · tokens ÷ the backend's rate: CPU FMA
+    /// peak, GPU cuBLAS GEMM rate of the row's precision).
     pub prefill_roofline: Option<f64>,
     /// The bandwidth-bound ceiling of decode for this row, tok/s.
     pub decode_ceiling_tok_s: Option<f64>,
