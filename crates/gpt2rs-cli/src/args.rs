@@ -233,13 +233,15 @@ pub struct ServeArgs {
     /// The model's name in the API (default: the --model value, or gpt2 for synthetic weights).
     #[arg(long)]
     pub served_model_name: Option<String>,
-    /// Sequences decoded together per engine; more raise throughput and each token's latency.
-    #[arg(long, default_value_t = 32)]
-    pub max_batch: usize,
-    /// Prompt tokens prefilled per engine step, shared by newcomers (smaller: steadier
-    /// inter-token latency for running sequences; larger: faster time to first token).
-    #[arg(long, default_value_t = 64)]
-    pub prefill_chunk: usize,
+    /// Sequences decoded together per engine; more raise throughput and each token's latency
+    /// (default: 16 on the CPU, 64 on a GPU).
+    #[arg(long)]
+    pub max_batch: Option<usize>,
+    /// Tokens per engine step, the running sequences' next tokens included; the rest goes to
+    /// newcomers' prompts. Bounds each step's cost, so it bounds inter-token latency
+    /// (default: 24 on the CPU, 512 on a GPU).
+    #[arg(long)]
+    pub max_step_tokens: Option<usize>,
     /// Requests waiting for a place in the batch before new ones get 429 (with Retry-After).
     #[arg(long, default_value_t = 256)]
     pub max_queue: usize,

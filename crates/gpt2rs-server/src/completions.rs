@@ -112,7 +112,7 @@ async fn start(app: &Arc<App>, headers: &HeaderMap, body: Body) -> Result<Respon
     drop(tx);
     let out = Output::new(app.clone(), plan);
     if out.plan.stream {
-        app.metrics.requests.ok.fetch_add(1, Relaxed);
+        // Counted as ok (or failed) when the stream ends.
         Ok(stream(out, rx).into_response())
     } else {
         let r = collect(out, rx).await?;
@@ -386,6 +386,7 @@ fn stream(out: Output, rx: UnboundedReceiver<JobEvent>) -> impl IntoResponse {
                 return None;
             }
             if st.out.unfinished == 0 {
+                st.out.app.metrics.requests.ok.fetch_add(1, Relaxed);
                 if st.out.plan.include_usage {
                     let mut obj = st.out.object(Vec::new());
                     obj["usage"] = st.out.usage();

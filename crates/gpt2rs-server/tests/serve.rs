@@ -196,7 +196,7 @@ fn concurrent_requests_batch_together_and_stay_exact() {
     let cfg = ServerConfig {
         scheduler: SchedulerConfig {
             max_running: 4,
-            prefill_tokens_per_step: 3,
+            max_step_tokens: 3,
         },
         ..ServerConfig::default()
     };
@@ -314,7 +314,7 @@ fn a_full_queue_answers_429_and_disconnects_free_their_sequences() {
     let cfg = ServerConfig {
         scheduler: SchedulerConfig {
             max_running: 1,
-            prefill_tokens_per_step: 64,
+            max_step_tokens: 64,
         },
         max_queue: 1,
         ..ServerConfig::default()
@@ -400,23 +400,30 @@ fn timeouts_and_slow_clients() {
     let _ = slow.read_to_string(&mut answer);
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
 
-    // Generation past the request timeout ends with 504 (or an error event when streaming).
+    // Generation past the request timeout ends with 504, or with an error event when
+    // streaming. 250 tokens take 250 engine steps: far more than 5 ms.
+    let cfg = ServerConfig {
+        request_timeout: Duration::from_millis(5),
+        ..ServerConfig::default()
+    };
+    let s = start_with(cfg, 1);
     let big = json!({"prompt": "hi", "max_tokens": 250, "temperature": 0});
-    let mut engine_slow = false;
     let (status, v) = complete(&s, big.clone());
-    if status == 200 {
-        engine_slow = true; // finished within 300 ms: nothing to time out on this machine
-    } else {
-        assert_eq!(status, 504, "{v}");
-        assert!(v["error"]["message"].as_str().unwrap().contains("timeout"));
-    }
-    if !engine_slow {
-        let mut body = big;
-        body["stream"] = json!(true);
-        let events = stream(&s, body);
-        assert_eq!(events.last().unwrap(), "[DONE]");
-        assert!(events[events.len() - 2].contains("\"error\""), "{events:?}");
-    }
+    assert_eq!(status, 504, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("timeout"));
+    let mut body = big;
+    body["stream"] = json!(true);
+    let events = stream(&s, body);
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    assert!(
+        events[events.len() - 2].contains("\"error\""),
+        "{:?}",
+        events.last()
+    );
+    assert_eq!(
+        metric(&s, "gpt2rs_requests_total{outcome=\"timeout\"} "),
+        2.0
+    );
 }
 
 #[test]

@@ -2,9 +2,10 @@
 //! and leave it the step they finish, so a long request never holds up short ones.
 //!
 //! Each [`Scheduler::step`] is one engine pass over a ragged batch: one token for every
-//! sequence that is decoding, plus chunks of the prompts of newly admitted requests, up to a
-//! budget of prompt tokens per step (so a long newcomer's prefill is spread over several steps
-//! instead of stalling everyone's next token). `generate` and the server both run on this.
+//! sequence that is decoding, plus chunks of the prompts of newly admitted requests, within a
+//! budget of tokens per step (so a long newcomer's prefill is spread over several steps
+//! instead of stalling everyone's next token, and a step's cost, hence every running
+//! sequence's inter-token latency, stays bounded). `generate` and the server both run on this.
 
 use crate::config::Gpt2Config;
 use crate::engine::{BatchEntry, Engine, LogitsFor, SeqId};
@@ -13,6 +14,7 @@ use crate::generate::sampling::{self, SamplingParams, SeqRng};
 use crate::generate::stream::TextStream;
 use crate::generate::FinishReason;
 use crate::tokenizer::Tokenizer;
+use rayon::prelude::*;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
@@ -94,15 +96,17 @@ pub enum Event {
 pub struct SchedulerConfig {
     /// Sequences (samples) running at once; requests beyond wait their turn.
     pub max_running: usize,
-    /// Prompt tokens prefilled per step, shared by the newcomers.
-    pub prefill_tokens_per_step: usize,
+    /// Tokens per step, decode rows included: what is left after the running sequences'
+    /// next tokens goes to prompt chunks of newcomers (always at least one token, so
+    /// admitted requests make progress).
+    pub max_step_tokens: usize,
 }
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
         Self {
             max_running: 32,
-            prefill_tokens_per_step: 128,
+            max_step_tokens: 160,
         }
     }
 }
@@ -178,7 +182,7 @@ impl Scheduler {
         Self {
             cfg: SchedulerConfig {
                 max_running: cfg.max_running.max(1),
-                prefill_tokens_per_step: cfg.prefill_tokens_per_step.max(1),
+                max_step_tokens: cfg.max_step_tokens.max(1),
             },
             n_positions: model.n_positions,
             vocab_size: model.vocab_size,
@@ -291,6 +295,7 @@ impl Scheduler {
                 return report;
             }
         };
+        let mut draws = self.draw_decodes(&slots, &logits).into_iter();
         for (entry, slot) in slots.iter().enumerate() {
             let mut rows = logits.entry(entry);
             match *slot {
@@ -318,8 +323,8 @@ impl Scheduler {
                 }
                 Slot::Decode { active, sample } => {
                     report.decode_tokens += 1;
-                    let row = rows.next().expect("asked for the last logits");
-                    self.advance(engine, tokenizer, active, sample, row, &mut report);
+                    let draw = draws.next().expect("one draw per decode slot");
+                    self.accept(engine, tokenizer, active, sample, draw, &mut report);
                 }
             }
         }
@@ -350,7 +355,7 @@ impl Scheduler {
     }
 
     /// This step's batch: a token for every decoding sample, then prompt chunks in admission
-    /// order within the prefill budget.
+    /// order within what is left of the step's token budget.
     fn plan(&self) -> Vec<Slot> {
         let mut slots = Vec::new();
         for (ai, a) in self.active.iter().enumerate() {
@@ -363,7 +368,7 @@ impl Scheduler {
                 }
             }
         }
-        let mut budget = self.cfg.prefill_tokens_per_step;
+        let mut budget = self.cfg.max_step_tokens.saturating_sub(slots.len()).max(1);
         for (ai, a) in self.active.iter().enumerate() {
             if budget == 0 {
                 break;
@@ -445,33 +450,61 @@ impl Scheduler {
             if self.active[active].req.max_new_tokens == 0 {
                 self.finish(engine, active, si, FinishReason::Length, report);
             } else {
-                self.advance(engine, tokenizer, active, si, &row, report);
+                let a = &mut self.active[active];
+                let draw = draw(&mut a.samples[si], &a.req, &row, &mut self.scratch);
+                self.accept(engine, tokenizer, active, si, draw, report);
             }
         }
     }
 
-    /// Picks sample `si`'s next token from `row` and applies the stop rules.
-    fn advance(
+    /// Every decoding sample's next token (and log-probability), drawn in parallel: with
+    /// sampling, each draw walks the whole vocabulary, and a large batch would otherwise spend
+    /// a good part of its step here on one thread.
+    fn draw_decodes(&mut self, slots: &[Slot], logits: &crate::engine::Logits) -> Vec<Draw> {
+        // Decode slots come first, in the order active requests and their live samples are
+        // walked here.
+        let rows: Vec<&[f32]> = slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| matches!(s, Slot::Decode { .. }))
+            .map(|(e, _)| logits.last(e).expect("asked for the last logits"))
+            .collect();
+        let mut work: Vec<(&mut Sample, &Request)> = self
+            .active
+            .iter_mut()
+            .flat_map(|a| {
+                let req = &a.req;
+                a.samples
+                    .iter_mut()
+                    .filter(|s| !s.done)
+                    .map(move |s| (s, req))
+            })
+            .collect();
+        debug_assert_eq!(work.len(), rows.len());
+        work.par_iter_mut()
+            .zip(rows.par_iter())
+            .with_min_len(4)
+            .map_init(Vec::new, |scratch, ((s, req), row)| {
+                draw(s, req, row, scratch)
+            })
+            .collect()
+    }
+
+    /// Appends a drawn token to sample `si` and applies the stop rules.
+    fn accept(
         &mut self,
         engine: &mut dyn Engine,
         tokenizer: &Tokenizer,
         active: usize,
         si: usize,
-        row: &[f32],
+        draw: Draw,
         report: &mut StepReport,
     ) {
         let (n_positions, eos) = (self.n_positions, self.eos);
         let a = &mut self.active[active];
         let s = &mut a.samples[si];
-        let tok = sampling::pick(
-            row,
-            &s.history,
-            &a.req.sampling,
-            &mut s.rng,
-            &mut self.scratch,
-        );
+        let tok = draw.token;
         s.history.push(tok);
-        let logprob = a.req.top_logprobs.map(|k| token_logprob(row, tok, k));
         let generated = s.history.len() - a.req.prompt.len();
         let mut reason = None;
         let mut text = String::new();
@@ -495,7 +528,7 @@ impl Scheduler {
                 sample: si,
                 token: tok,
                 text,
-                logprob,
+                logprob: draw.logprob,
             },
         ));
         if let Some(r) = reason {
@@ -524,6 +557,20 @@ impl Scheduler {
                 text,
             },
         ));
+    }
+}
+
+/// A sample's next token, drawn from its row of logits.
+struct Draw {
+    token: u32,
+    logprob: Option<TokenLogprob>,
+}
+
+fn draw(s: &mut Sample, req: &Request, row: &[f32], scratch: &mut Vec<f32>) -> Draw {
+    let token = sampling::pick(row, &s.history, &req.sampling, &mut s.rng, scratch);
+    Draw {
+        token,
+        logprob: req.top_logprobs.map(|k| token_logprob(row, token, k)),
     }
 }
 
@@ -625,7 +672,7 @@ mod tests {
         // join while others decode.
         let cfg = SchedulerConfig {
             max_running: 2,
-            prefill_tokens_per_step: 5,
+            max_step_tokens: 5,
         };
         let mut s = Scheduler::new(engine.config(), cfg);
         for (i, p) in prompts.iter().enumerate() {
@@ -645,7 +692,7 @@ mod tests {
         for budget in [100, 4] {
             let cfg = SchedulerConfig {
                 max_running: 4,
-                prefill_tokens_per_step: budget,
+                max_step_tokens: budget,
             };
             let mut s = Scheduler::new(engine.config(), cfg);
             let mut req = Request::greedy(prompt.clone(), 1);
@@ -710,7 +757,7 @@ mod tests {
         let tok = Tokenizer::gpt2();
         let cfg = SchedulerConfig {
             max_running: 2,
-            prefill_tokens_per_step: 64,
+            max_step_tokens: 64,
         };
         let mut s = Scheduler::new(engine.config(), cfg);
         for i in 0..5 {

@@ -168,7 +168,7 @@ pub fn generate(
         .collect::<Result<_>>()?;
     let unlimited = SchedulerConfig {
         max_running: usize::MAX,
-        prefill_tokens_per_step: usize::MAX,
+        max_step_tokens: usize::MAX,
     };
     let mut sched = Scheduler::new(&model, unlimited);
     for (i, p) in prompts.iter().enumerate() {

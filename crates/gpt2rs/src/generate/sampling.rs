@@ -109,9 +109,18 @@ pub fn pick(
     for s in scores.iter_mut() {
         *s /= temperature;
     }
-    // Candidates, most likely first.
+    let u: f64 = rng.0.random::<f64>();
+    if params.top_k == 0 && params.top_p >= 1.0 {
+        return draw_unrestricted(scores, u);
+    }
+    // Candidates, most likely first (ties by index). Only as many as top-k / top-p can keep
+    // are ever sorted: a full sort of 50k logits per token would cost milliseconds.
+    let by_score_desc = |a: &u32, b: &u32| {
+        scores[*b as usize]
+            .total_cmp(&scores[*a as usize])
+            .then(a.cmp(b))
+    };
     let mut order: Vec<u32> = (0..scores.len() as u32).collect();
-    let by_score_desc = |a: &u32, b: &u32| scores[*b as usize].total_cmp(&scores[*a as usize]);
     if params.top_k > 0 && params.top_k < order.len() {
         let k = params.top_k;
         order.select_nth_unstable_by(k - 1, by_score_desc);
@@ -119,40 +128,70 @@ pub fn pick(
         // transformers keeps every token that ties with the k-th.
         order.retain(|&i| scores[i as usize] >= kth);
     }
-    order.sort_by(|a, b| by_score_desc(a, b).then(a.cmp(b)));
-    let max = scores[order[0] as usize];
-    let mut probs: Vec<f64> = order
+    let max = order
         .iter()
-        .map(|&i| ((scores[i as usize] - max) as f64).exp())
-        .collect();
-    let total: f64 = probs.iter().sum();
-    probs.iter_mut().for_each(|p| *p /= total);
-    if params.top_p < 1.0 {
-        // transformers removes tokens whose ascending cumulative probability is <= 1 - top_p;
-        // from the top, that keeps tokens until the mass of the ones below is < 1 - top_p.
-        let cut = 1.0 - params.top_p as f64;
-        let mut below: f64 = 1.0;
-        let mut keep = 0;
-        for &p in probs.iter() {
-            if below <= cut && keep > 0 {
+        .map(|&i| scores[i as usize])
+        .fold(f32::NEG_INFINITY, f32::max);
+    let weight = |i: u32| ((scores[i as usize] - max) as f64).exp();
+    let total: f64 = order.iter().map(|&i| weight(i)).sum();
+    // transformers removes tokens whose ascending cumulative probability is <= 1 - top_p;
+    // from the top, that keeps tokens until the mass of the ones below is < 1 - top_p.
+    let cut = if params.top_p < 1.0 {
+        1.0 - params.top_p as f64
+    } else {
+        -1.0
+    };
+    let mut sorted = 64.min(order.len());
+    let keep = loop {
+        if sorted < order.len() {
+            order.select_nth_unstable_by(sorted - 1, by_score_desc);
+        }
+        order[..sorted].sort_by(by_score_desc);
+        let mut below = 1.0f64;
+        let mut keep = None;
+        for (n, &i) in order[..sorted].iter().enumerate() {
+            if below <= cut && n > 0 {
+                keep = Some(n);
                 break;
             }
-            below -= p;
-            keep += 1;
+            below -= weight(i) / total;
         }
-        probs.truncate(keep);
-        order.truncate(keep);
-        let total: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= total);
-    }
-    let mut u: f64 = rng.0.random::<f64>();
-    for (&tok, &p) in order.iter().zip(&probs) {
-        if u < p {
+        match keep {
+            Some(n) => break n,
+            None if sorted == order.len() => break sorted,
+            None => sorted = (sorted * 8).min(order.len()),
+        }
+    };
+    let kept = &order[..keep];
+    let kept_total: f64 = kept.iter().map(|&i| weight(i)).sum();
+    let mut u = u * kept_total;
+    for &tok in kept {
+        let w = weight(tok);
+        if u < w {
             return tok;
         }
-        u -= p;
+        u -= w;
     }
-    *order.last().expect("at least one candidate")
+    *kept.last().expect("at least one candidate")
+}
+
+/// A draw from softmax(scores) with no restriction, in index order (no sorting).
+fn draw_unrestricted(scores: &[f32], u: f64) -> u32 {
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let total: f64 = scores.iter().map(|&s| ((s - max) as f64).exp()).sum();
+    let mut u = u * total;
+    for (i, &s) in scores.iter().enumerate() {
+        let w = ((s - max) as f64).exp();
+        if u < w {
+            return i as u32;
+        }
+        u -= w;
+    }
+    // Rounding left a sliver: the last token with any weight.
+    scores
+        .iter()
+        .rposition(|&s| s > f32::NEG_INFINITY)
+        .unwrap_or(0) as u32
 }
 
 /// Index of the largest value (the first one on ties, as torch.argmax).
@@ -259,6 +298,41 @@ mod tests {
             ..params.clone()
         };
         assert!(sample_counts(&logits, &cold, 1000)[2] > 990);
+    }
+
+    #[test]
+    fn top_p_over_a_large_vocabulary_keeps_the_right_set() {
+        // A flat-ish distribution over 5,000 tokens: top_p 0.9 needs far more than the first
+        // 64 sorted candidates, so the sorted prefix has to grow.
+        let logits: Vec<f32> = (0..5000)
+            .map(|i| ((i * 7919) % 5000) as f32 * 1e-4)
+            .collect();
+        let p = SamplingParams {
+            temperature: Some(1.0),
+            top_p: 0.9,
+            ..SamplingParams::greedy()
+        };
+        let c = sample_counts(&logits, &p, 20000);
+        // Reference: the kept set by a full sort.
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+        let z: f64 = logits.iter().map(|&l| (l as f64).exp()).sum();
+        let (mut below, mut keep) = (1.0f64, 0);
+        for &i in &order {
+            if below <= 0.1 && keep > 0 {
+                break;
+            }
+            below -= (logits[i] as f64).exp() / z;
+            keep += 1;
+        }
+        let kept: std::collections::HashSet<usize> = order[..keep].iter().copied().collect();
+        assert!(keep > 64);
+        for (i, &n) in c.iter().enumerate() {
+            if !kept.contains(&i) {
+                assert_eq!(n, 0, "token {i} is outside the top-p set");
+            }
+        }
+        assert!(c.iter().filter(|&&n| n > 0).count() > keep / 2);
     }
 
     #[test]
