@@ -234,12 +234,12 @@ pub struct ServeArgs {
     #[arg(long)]
     pub served_model_name: Option<String>,
     /// Sequences decoded together per engine; more raise throughput and each token's latency
-    /// (default: 16 on the CPU, 64 on a GPU).
+    /// (default: 10 on the CPU, 64 on a GPU).
     #[arg(long)]
     pub max_batch: Option<usize>,
     /// Tokens per engine step, the running sequences' next tokens included; the rest goes to
     /// newcomers' prompts. Bounds each step's cost, so it bounds inter-token latency
-    /// (default: 24 on the CPU, 512 on a GPU).
+    /// (default: 14 on the CPU, 512 on a GPU).
     #[arg(long)]
     pub max_step_tokens: Option<usize>,
     /// Requests waiting for a place in the batch before new ones get 429 (with Retry-After).

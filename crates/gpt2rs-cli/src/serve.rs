@@ -45,8 +45,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     // A CPU step's cost grows with every row (compute-bound): small batches keep latency
     // near the batch-1 step; a GPU reads its weights once for many rows almost for free.
     let on_gpu = devices.iter().any(|d| d.starts_with("cuda"));
-    let max_batch = a.max_batch.unwrap_or(if on_gpu { 64 } else { 16 });
-    let max_step_tokens = a.max_step_tokens.unwrap_or(if on_gpu { 512 } else { 24 });
+    let max_batch = a.max_batch.unwrap_or(if on_gpu { 64 } else { 10 });
+    let max_step_tokens = a.max_step_tokens.unwrap_or(if on_gpu { 512 } else { 14 });
     if max_batch == 0 || max_step_tokens == 0 {
         bail!("--max-batch and --max-step-tokens must be at least 1");
     }

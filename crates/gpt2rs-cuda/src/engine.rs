@@ -121,6 +121,8 @@ pub struct CudaEngine {
     /// Captured decode steps by (rows, rows with logits); they point into `scratch`.
     graphs: HashMap<(usize, usize), CudaGraph>,
     use_graphs: bool,
+    /// Page-locked host memory the logits come back through, grown as needed.
+    pinned: Option<cudarc::driver::PinnedHostSlice<u8>>,
 }
 
 impl CudaEngine {
@@ -152,6 +154,7 @@ impl CudaEngine {
             graphs: HashMap::new(),
             // GPT2RS_CUDA_GRAPHS=0 launches every kernel of every step (for comparisons).
             use_graphs: std::env::var("GPT2RS_CUDA_GRAPHS").map_or(true, |v| v != "0"),
+            pinned: None,
         })
     }
 
@@ -711,17 +714,39 @@ impl Engine for CudaEngine {
             self.enqueue(&p)?;
         }
 
-        let mut logits = vec![0f32; wanted.len() * v];
+        let mut logits = Vec::new();
         if !wanted.is_empty() {
+            // Through page-locked memory: a batch of 64 brings back 13 MB of logits a step,
+            // which pageable memory copies at a third of the speed.
+            let bytes = wanted.len() * v * 4;
+            if self.pinned.as_ref().is_none_or(|p| p.len() < wcap * v * 4) {
+                // SAFETY: the buffer is only read after the copy below has filled it.
+                let p = unsafe { self.dev.ctx.alloc_pinned::<u8>(wcap * v * 4) }
+                    .map_err(device_err("allocating page-locked memory for logits"))?;
+                self.pinned = Some(p);
+            }
+            let pinned = self.pinned.as_mut().expect("allocated above");
             let buf = &self.scratch.bufs["logits"];
-            // SAFETY: reinterpreting the f32 output as bytes for the copy.
-            let host = unsafe {
-                std::slice::from_raw_parts_mut(logits.as_mut_ptr() as *mut u8, logits.len() * 4)
-            };
+            let host = &mut pinned
+                .as_mut_slice()
+                .map_err(device_err("reading page-locked memory"))?[..bytes];
             self.dev
                 .stream
-                .memcpy_dtoh(&buf.slice(..host.len()), host)
+                .memcpy_dtoh(&buf.slice(..bytes), host)
                 .map_err(device_err("copying logits from the GPU"))?;
+            // Into page-locked memory the copy is truly asynchronous: wait for it.
+            self.dev
+                .stream
+                .synchronize()
+                .map_err(device_err("copying logits from the GPU"))?;
+            let n = wanted.len() * v;
+            logits.reserve_exact(n);
+            // SAFETY: `host` holds `n` f32 values as bytes, copied into the capacity just
+            // reserved; every byte pattern is a valid f32.
+            unsafe {
+                std::ptr::copy_nonoverlapping(host.as_ptr(), logits.as_mut_ptr() as *mut u8, bytes);
+                logits.set_len(n);
+            }
         } else {
             self.dev
                 .stream

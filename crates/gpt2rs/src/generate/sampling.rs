@@ -1,6 +1,7 @@
 //! Choosing the next token from logits, in transformers' order: repetition penalty, then
 //! temperature, top-k, top-p, and a draw from the softmax (or argmax when greedy).
 
+use crate::cpu::simd;
 use crate::error::{Error, Result};
 use rand::{Rng, SeedableRng};
 
@@ -106,12 +107,19 @@ pub fn pick(
     let Some(temperature) = params.temperature else {
         return argmax(scores);
     };
+    let n = scores.len();
     for s in scores.iter_mut() {
         *s /= temperature;
     }
+    // Probabilities beside the scores, by the vectorized softmax (a libm exp per token of
+    // the vocabulary would cost about half a millisecond per draw).
+    scores.extend_from_within(..n);
+    let (scores, probs) = scores.split_at_mut(n);
+    simd::softmax(probs);
+    let (scores, probs) = (&*scores, &*probs);
     let u: f64 = rng.0.random::<f64>();
     if params.top_k == 0 && params.top_p >= 1.0 {
-        return draw_unrestricted(scores, u);
+        return draw(probs, 0..n as u32, u);
     }
     // Candidates, most likely first (ties by index). Only as many as top-k / top-p can keep
     // are ever sorted: a full sort of 50k logits per token would cost milliseconds.
@@ -120,7 +128,7 @@ pub fn pick(
             .total_cmp(&scores[*a as usize])
             .then(a.cmp(b))
     };
-    let mut order: Vec<u32> = (0..scores.len() as u32).collect();
+    let mut order: Vec<u32> = (0..n as u32).collect();
     if params.top_k > 0 && params.top_k < order.len() {
         let k = params.top_k;
         order.select_nth_unstable_by(k - 1, by_score_desc);
@@ -128,12 +136,7 @@ pub fn pick(
         // transformers keeps every token that ties with the k-th.
         order.retain(|&i| scores[i as usize] >= kth);
     }
-    let max = order
-        .iter()
-        .map(|&i| scores[i as usize])
-        .fold(f32::NEG_INFINITY, f32::max);
-    let weight = |i: u32| ((scores[i as usize] - max) as f64).exp();
-    let total: f64 = order.iter().map(|&i| weight(i)).sum();
+    let total: f64 = order.iter().map(|&i| probs[i as usize] as f64).sum();
     // transformers removes tokens whose ascending cumulative probability is <= 1 - top_p;
     // from the top, that keeps tokens until the mass of the ones below is < 1 - top_p.
     let cut = if params.top_p < 1.0 {
@@ -154,7 +157,7 @@ pub fn pick(
                 keep = Some(n);
                 break;
             }
-            below -= weight(i) / total;
+            below -= probs[i as usize] as f64 / total;
         }
         match keep {
             Some(n) => break n,
@@ -162,36 +165,27 @@ pub fn pick(
             None => sorted = (sorted * 8).min(order.len()),
         }
     };
-    let kept = &order[..keep];
-    let kept_total: f64 = kept.iter().map(|&i| weight(i)).sum();
-    let mut u = u * kept_total;
-    for &tok in kept {
-        let w = weight(tok);
+    draw(probs, order[..keep].iter().copied(), u)
+}
+
+/// The token at `u` (uniform in [0, 1)) of the distribution `probs` restricted to
+/// `candidates` (renormalized), walking them in the order given.
+fn draw(probs: &[f32], candidates: impl Iterator<Item = u32> + Clone, u: f64) -> u32 {
+    let total: f64 = candidates.clone().map(|i| probs[i as usize] as f64).sum();
+    let mut u = u * total;
+    let mut last = None;
+    for tok in candidates {
+        let w = probs[tok as usize] as f64;
+        if w > 0.0 {
+            last = Some(tok);
+        }
         if u < w {
             return tok;
         }
         u -= w;
     }
-    *kept.last().expect("at least one candidate")
-}
-
-/// A draw from softmax(scores) with no restriction, in index order (no sorting).
-fn draw_unrestricted(scores: &[f32], u: f64) -> u32 {
-    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let total: f64 = scores.iter().map(|&s| ((s - max) as f64).exp()).sum();
-    let mut u = u * total;
-    for (i, &s) in scores.iter().enumerate() {
-        let w = ((s - max) as f64).exp();
-        if u < w {
-            return i as u32;
-        }
-        u -= w;
-    }
-    // Rounding left a sliver: the last token with any weight.
-    scores
-        .iter()
-        .rposition(|&s| s > f32::NEG_INFINITY)
-        .unwrap_or(0) as u32
+    // Rounding left a sliver: the last candidate with any weight.
+    last.unwrap_or(0)
 }
 
 /// Index of the largest value (the first one on ties, as torch.argmax).
