@@ -558,7 +558,7 @@ pub fn bench(a: crate::args::BenchArgs) -> Result<()> {
              the GPU's device-to-device copy bandwidth (bytes read + bytes written, see gpu above); prefill roofline: \
              2 FLOPs per non-embedding weight per token / the GPU's cuBLAS GEMM rate: the f16 rate for f16 and bf16 rows \
              (same tensor cores), the plain-f32 rate (no TF32) for f32 rows; peak mem (GPU): GPU memory the engine held at \
-             its peak (weights, KV caches of the whole context, scratch, cuBLAS workspace), from cuMemGetInfo; \
+             its peak (weights, KV caches (grown in blocks of 64 positions), scratch, cuBLAS workspace), from cuMemGetInfo; \
              prefill and TTFT include allocating and zeroing the KV caches"
                 .into(),
         );

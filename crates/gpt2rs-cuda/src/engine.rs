@@ -48,6 +48,8 @@ struct Pass {
     tokens: u64,
     pos: u64,
     caches: u64,
+    /// Per row, the positions its sequence's cache has room for.
+    caps: u64,
     wanted_rows: u64,
     x: u64,
     h: u64,
@@ -96,11 +98,16 @@ impl Kernels {
 }
 
 /// One sequence: its length and its KV cache (keys then values, each
-/// `[n_layer][n_positions][n_embd]`), allocated at its first tokens.
+/// `[n_layer][cap][n_embd]`), grown in blocks of [`CACHE_BLOCK_TOKENS`] as it fills.
 struct Seq {
     len: usize,
+    /// Positions the cache has room for.
+    cap: usize,
     cache: Option<CudaSlice<u8>>,
 }
+
+/// KV caches grow by this many positions at a time, not for the whole context up front.
+const CACHE_BLOCK_TOKENS: usize = 64;
 
 /// Device buffers reused by every pass, grown to the largest batch seen.
 #[derive(Default)]
@@ -158,7 +165,8 @@ impl CudaEngine {
         })
     }
 
-    /// Bytes of one sequence's KV cache (the whole context, allocated at once).
+    /// Bytes of one sequence's KV cache when it holds the whole context (caches grow in
+    /// blocks of 64 positions up to this).
     pub fn cache_bytes_per_sequence(&self) -> u64 {
         cache_bytes(&self.config, self.precision)
     }
@@ -373,10 +381,10 @@ impl CudaEngine {
                     Arg::Ptr(q),
                     Arg::Ptr(p.caches),
                     Arg::Ptr(p.pos),
+                    Arg::Ptr(p.caps),
                     Arg::Int(ci),
                     Arg::Int(l as i32),
                     Arg::Int(l_n as i32),
-                    Arg::Int(cfg.n_positions as i32),
                     Arg::Float(scale),
                 ],
             )?;
@@ -387,6 +395,7 @@ impl CudaEngine {
                     Arg::Ptr(q),
                     Arg::Ptr(p.caches),
                     Arg::Ptr(p.pos),
+                    Arg::Ptr(p.caps),
                     Arg::Ptr(att),
                     Arg::Int(ci),
                     Arg::Int(cfg.n_head as i32),
@@ -519,37 +528,66 @@ impl CudaEngine {
                 )));
             }
         }
-        let per_seq = self.cache_bytes_per_sequence();
-        let new = batch
+        // Caches that must grow for this batch, to whole blocks of positions.
+        let growth: Vec<(SeqId, usize)> = batch
             .iter()
-            .filter(|e| self.seqs[&e.seq].cache.is_none())
-            .count() as u64;
-        if new > 0 {
+            .filter_map(|e| {
+                let s = &self.seqs[&e.seq];
+                let need = s.len + e.tokens.len();
+                (need > s.cap).then(|| {
+                    let cap = need
+                        .next_multiple_of(CACHE_BLOCK_TOKENS)
+                        .min(cfg.n_positions);
+                    (e.seq, cap)
+                })
+            })
+            .collect();
+        let bytes = |cap: usize| cache_bytes_for(cfg, self.precision, cap);
+        let needed: u64 = growth.iter().map(|&(_, cap)| bytes(cap)).sum();
+        if needed > 0 {
             let (free, _) = self.dev.memory()?;
-            if new * per_seq > free {
+            if needed > free {
                 return Err(Error::OutOfMemory {
                     what: format!(
-                        "the KV cache of {new} more sequence(s) on GPU cuda:{} ({} each, the \
-                         whole {}-token context)",
+                        "the KV caches of this batch on GPU cuda:{} ({} sequence(s) growing)",
                         self.dev.ordinal,
-                        Bytes(per_seq),
-                        cfg.n_positions
+                        growth.len()
                     ),
-                    needed: Bytes(new * per_seq),
+                    needed: Bytes(needed),
                     available: Bytes(free),
                 });
             }
         }
-        for e in batch {
-            if self.seqs[&e.seq].cache.is_none() {
-                let cache = self
-                    .dev
+        for (seq, cap) in growth {
+            self.grow_cache(seq, cap)?;
+        }
+        Ok(())
+    }
+
+    /// Moves a sequence's cache into one with room for `cap` positions, keeping what it holds.
+    fn grow_cache(&mut self, seq: SeqId, cap: usize) -> Result<()> {
+        let cfg = &self.config;
+        let row = cfg.n_embd * self.precision.size();
+        let mut cache = self
+            .dev
+            .stream
+            .alloc_zeros::<u8>(cache_bytes_for(cfg, self.precision, cap) as usize)
+            .map_err(device_err("allocating a KV cache"))?;
+        let s = &self.seqs[&seq];
+        if let Some(old) = &s.cache {
+            // Keys then values, each n_layer runs of `len` positions at the old stride.
+            for run in 0..2 * cfg.n_layer {
+                let (from, to) = (run * s.cap * row, run * cap * row);
+                let n = s.len * row;
+                self.dev
                     .stream
-                    .alloc_zeros::<u8>(per_seq as usize)
-                    .map_err(device_err("allocating a KV cache"))?;
-                self.seqs.get_mut(&e.seq).expect("checked").cache = Some(cache);
+                    .memcpy_dtod(&old.slice(from..from + n), &mut cache.slice_mut(to..to + n))
+                    .map_err(device_err("growing a KV cache"))?;
             }
         }
+        let s = self.seqs.get_mut(&seq).expect("checked");
+        s.cache = Some(cache);
+        s.cap = cap;
         Ok(())
     }
 }
@@ -558,7 +596,7 @@ impl CudaEngine {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryNeeded {
     pub weights: u64,
-    /// Every sequence's cache covers the whole context.
+    /// Every sequence's cache at its largest (the whole context).
     pub kv_cache: u64,
     /// Activations of the largest pass, the logits, the cuBLAS workspace.
     pub scratch: u64,
@@ -570,9 +608,14 @@ impl MemoryNeeded {
     }
 }
 
-/// Bytes of one sequence's KV cache in `p`: keys and values of every layer and position.
+/// Bytes of one sequence's KV cache in `p` when full: keys and values of every layer and position.
 fn cache_bytes(c: &Gpt2Config, p: Precision) -> u64 {
-    (2 * c.n_layer * c.n_positions * c.n_embd * p.size()) as u64
+    cache_bytes_for(c, p, c.n_positions)
+}
+
+/// Bytes of a KV cache with room for `positions`.
+fn cache_bytes_for(c: &Gpt2Config, p: Precision, positions: usize) -> u64 {
+    (2 * c.n_layer * positions * c.n_embd * p.size()) as u64
 }
 
 impl Engine for CudaEngine {
@@ -596,6 +639,7 @@ impl Engine for CudaEngine {
             id,
             Seq {
                 len: 0,
+                cap: 0,
                 cache: None,
             },
         );
@@ -616,10 +660,10 @@ impl Engine for CudaEngine {
             ),
             None => None,
         };
-        let len = p.len;
+        let (len, cap) = (p.len, p.cap);
         let id = SeqId(self.next_id);
         self.next_id += 1;
-        self.seqs.insert(id, Seq { len, cache });
+        self.seqs.insert(id, Seq { len, cap, cache });
         Ok(id)
     }
 
@@ -638,7 +682,7 @@ impl Engine for CudaEngine {
         let es = self.precision.size();
 
         // Per row: token, position, its sequence's cache; and the rows whose logits are wanted.
-        let (mut tokens, mut pos, mut caches) = (vec![], vec![], vec![]);
+        let (mut tokens, mut pos, mut caches, mut caps) = (vec![], vec![], vec![], vec![]);
         let (mut wanted, mut per_entry) = (vec![], vec![]);
         for e in batch {
             let s = &self.seqs[&e.seq];
@@ -651,6 +695,7 @@ impl Engine for CudaEngine {
                 tokens.push(t as i32);
                 pos.push((s.len + i) as i32);
                 caches.push(cache);
+                caps.push(s.cap as i32);
             }
             let n = e.tokens.len() as i32;
             let range = match e.logits {
@@ -669,13 +714,17 @@ impl Engine for CudaEngine {
         // (and the CUDA graphs that point into them) from step to step.
         let cap = rows.next_power_of_two().max(64);
         let wcap = wanted.len().next_power_of_two();
-        // The per-row inputs in one copy: caches (u64), then tokens, positions, wanted rows (i32).
-        let mut packed = vec![0u8; cap * 20];
+        // The per-row inputs in one copy: caches (u64), then tokens, positions, wanted rows and
+        // cache capacities (i32).
+        let mut packed = vec![0u8; cap * 24];
         let (ptrs, ints) = packed.split_at_mut(cap * 8);
         for (dst, p) in ptrs.chunks_exact_mut(8).zip(&caches) {
             dst.copy_from_slice(&p.to_ne_bytes());
         }
-        for (part, values) in ints.chunks_exact_mut(cap * 4).zip([&tokens, &pos, &wanted]) {
+        for (part, values) in ints
+            .chunks_exact_mut(cap * 4)
+            .zip([&tokens, &pos, &wanted, &caps])
+        {
             for (dst, v) in part.chunks_exact_mut(4).zip(values) {
                 dst.copy_from_slice(&v.to_ne_bytes());
             }
@@ -688,6 +737,7 @@ impl Engine for CudaEngine {
             pos: meta + (cap * 12) as u64,
             caches: meta,
             wanted_rows: meta + (cap * 16) as u64,
+            caps: meta + (cap * 20) as u64,
             x: self.scratch("x", cap * c * 4)?,
             h: self.scratch("h", cap * c * es)?,
             qkv: self.scratch("qkv", cap * 3 * c * 4)?,

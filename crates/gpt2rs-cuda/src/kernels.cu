@@ -110,16 +110,18 @@ __device__ void add_layernorm(float* __restrict__ x, const float* __restrict__ y
 
 // Splits the QKV projection (no bias yet) of row r: q (f32, scaled) to `q`, k and v into the
 // row's sequence cache at its position. A sequence's cache holds keys then values, each
-// [n_layer][n_ctx][c] in S::T. Grid: (rows, c / blockDim.x rounded up), one element a thread.
+// [n_layer][caps[r]][c] in S::T (caps[r]: the positions it has room for, grown in blocks).
+// Grid: (rows, c / blockDim.x rounded up), one element a thread.
 template <class S>
 __device__ void qkv_store(const float* __restrict__ qkv, const float* __restrict__ bias,
                           float* __restrict__ q, const unsigned long long* __restrict__ caches,
-                          const int* __restrict__ pos, int c, int layer, int n_layer, int n_ctx,
-                          float scale) {
+                          const int* __restrict__ pos, const int* __restrict__ caps, int c,
+                          int layer, int n_layer, float scale) {
     int r = blockIdx.x, i = blockIdx.y * blockDim.x + threadIdx.x;
     if (i >= c) return;
-    typename S::T* keys = (typename S::T*)caches[r] + ((size_t)layer * n_ctx + pos[r]) * c;
-    typename S::T* values = keys + (size_t)n_layer * n_ctx * c;
+    size_t cap = caps[r];
+    typename S::T* keys = (typename S::T*)caches[r] + ((size_t)layer * cap + pos[r]) * c;
+    typename S::T* values = keys + (size_t)n_layer * cap * c;
     const float* row = qkv + (size_t)r * 3 * c;
     q[(size_t)r * c + i] = (row[i] + bias[i]) * scale;
     keys[i] = S::store(row[c + i] + bias[c + i]);
@@ -134,8 +136,8 @@ __device__ void qkv_store(const float* __restrict__ qkv, const float* __restrict
 // Shared memory (floats): n_ctx scores, 8·blockDim.x partial sums, 32 for reductions, d for q.
 template <class S>
 __device__ void attention(const float* q, const unsigned long long* caches, const int* pos,
-                          typename S::T* out, int c, int n_head, int layer, int n_layer,
-                          int n_ctx) {
+                          const int* caps, typename S::T* out, int c, int n_head, int layer,
+                          int n_layer, int n_ctx) {
     typedef typename S::T T;
     const int V = 16 / sizeof(T);
     extern __shared__ float smem[];
@@ -145,8 +147,9 @@ __device__ void attention(const float* q, const unsigned long long* caches, cons
     float* part = scores + n_ctx;
     float* red = part + 8 * bd;
     float* qs = red + 32;
-    const T* keys = (const T*)caches[r] + (size_t)layer * n_ctx * c + h * d;
-    const T* values = keys + (size_t)n_layer * n_ctx * c;
+    size_t cap = caps[r];
+    const T* keys = (const T*)caches[r] + (size_t)layer * cap * c + h * d;
+    const T* values = keys + (size_t)n_layer * cap * c;
     for (int i = tid; i < d; i += bd) qs[i] = q[(size_t)r * c + h * d + i];
     __syncthreads();
     // Vector loads need every head slice 16-byte aligned.
@@ -302,15 +305,16 @@ __device__ void gemv(const typename S::T* __restrict__ x, const typename S::T* _
     }                                                                                         \
     extern "C" __global__ void qkv_store_##name(const float* qkv, const float* bias, float* q, \
                                                 const unsigned long long* caches,             \
-                                                const int* pos, int c, int layer,             \
-                                                int n_layer, int n_ctx, float scale) {        \
-        qkv_store<S>(qkv, bias, q, caches, pos, c, layer, n_layer, n_ctx, scale);             \
+                                                const int* pos, const int* caps, int c,       \
+                                                int layer, int n_layer, float scale) {        \
+        qkv_store<S>(qkv, bias, q, caches, pos, caps, c, layer, n_layer, scale);              \
     }                                                                                         \
     extern "C" __global__ void attention_##name(const float* q,                               \
                                                 const unsigned long long* caches,             \
-                                                const int* pos, S::T* out, int c, int n_head, \
-                                                int layer, int n_layer, int n_ctx) {          \
-        attention<S>(q, caches, pos, out, c, n_head, layer, n_layer, n_ctx);                  \
+                                                const int* pos, const int* caps, S::T* out,   \
+                                                int c, int n_head, int layer, int n_layer,    \
+                                                int n_ctx) {                                  \
+        attention<S>(q, caches, pos, caps, out, c, n_head, layer, n_layer, n_ctx);            \
     }                                                                                         \
     extern "C" __global__ void bias_act_##name(const float* y, const float* bias, S::T* out,  \
                                                int n, unsigned long long total, int act) {    \

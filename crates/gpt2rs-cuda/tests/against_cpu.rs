@@ -213,3 +213,77 @@ fn forks_continue_like_their_parent_and_overflow_is_a_clear_error() {
         "a failed pass changes nothing"
     );
 }
+
+#[test]
+fn caches_grow_in_blocks_and_keep_what_they_hold() {
+    // Sequences of different lengths cross the 64-position block boundaries in chunks, one of
+    // them forked past a boundary; every step's logits must still equal the CPU engine's.
+    let w = fixture_weights("tiny", DType::F32);
+    let Some(mut g) = gpu(&w) else { return };
+    let vocab = w.config.vocab_size;
+    let mut c = CpuEngine::new(w);
+    let chunks: [&[usize]; 2] = [&[50, 20, 1, 1, 40], &[3, 70, 1, 30]];
+    let (mut cs, mut gs) = (vec![], vec![]);
+    for _ in &chunks {
+        cs.push(c.add_sequence());
+        gs.push(g.add_sequence());
+    }
+    let mut worst = 0f64;
+    for step in 0..5 {
+        let feeds: Vec<(usize, Vec<u32>)> = chunks
+            .iter()
+            .enumerate()
+            .filter_map(|(i, ch)| {
+                ch.get(step)
+                    .map(|&n| (i, tokens(n, vocab, (10 * step + i) as u64)))
+            })
+            .collect();
+        let batch = |seqs: &[gpt2rs::engine::SeqId]| -> Vec<BatchEntry<'_>> {
+            feeds
+                .iter()
+                .map(|(i, t)| BatchEntry {
+                    seq: seqs[*i],
+                    tokens: t,
+                    logits: LogitsFor::Last,
+                })
+                .collect()
+        };
+        let want = c.forward(&batch(&cs)).unwrap();
+        let got = g.forward(&batch(&gs)).unwrap();
+        for e in 0..feeds.len() {
+            let (w, r) = (want.last(e).unwrap(), got.last(e).unwrap());
+            let scale = w.iter().fold(0f32, |m, x| m.max(x.abs())) as f64;
+            let diff = w
+                .iter()
+                .zip(r)
+                .fold(0f64, |m, (a, b)| m.max((a - b).abs() as f64));
+            worst = worst.max(diff / scale);
+        }
+        if step == 2 {
+            // Fork the 72-token sequence (two blocks) and continue both copies differently.
+            cs.push(c.fork_sequence(cs[0]).unwrap());
+            gs.push(g.fork_sequence(gs[0]).unwrap());
+            let t = tokens(9, vocab, 99);
+            let one = |seq| {
+                [BatchEntry {
+                    seq,
+                    tokens: &t,
+                    logits: LogitsFor::Last,
+                }]
+            };
+            let want = c.forward(&one(cs[2])).unwrap();
+            let got = g.forward(&one(gs[2])).unwrap();
+            let (w, r) = (want.last(0).unwrap(), got.last(0).unwrap());
+            let scale = w.iter().fold(0f32, |m, x| m.max(x.abs())) as f64;
+            let diff = w
+                .iter()
+                .zip(r)
+                .fold(0f64, |m, (a, b)| m.max((a - b).abs() as f64));
+            worst = worst.max(diff / scale);
+        }
+    }
+    eprintln!("cache growth: worst relative error {worst:.2e}");
+    assert!(worst < 1e-4, "worst relative error {worst:e}");
+    assert_eq!(g.sequence_len(gs[0]), Some(112));
+    assert_eq!(g.sequence_len(gs[1]), Some(104));
+}

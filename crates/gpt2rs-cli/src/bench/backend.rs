@@ -165,8 +165,8 @@ pub fn gpu_fit(
     let needed = weights + kv_cache + scratch;
     (needed > free).then(|| {
         format!(
-            "needs {} of GPU memory (weights {}, KV cache {} for {sequences} sequence(s) of the \
-             whole context, scratch {}), {} free on {device}",
+            "needs {} of GPU memory (weights {}, KV cache {} for {sequences} sequence(s) at the \
+             full context, scratch {}), {} free on {device}",
             Bytes(needed),
             Bytes(weights),
             Bytes(kv_cache),
