@@ -251,13 +251,7 @@ fn caches_grow_in_blocks_and_keep_what_they_hold() {
         let want = c.forward(&batch(&cs)).unwrap();
         let got = g.forward(&batch(&gs)).unwrap();
         for e in 0..feeds.len() {
-            let (w, r) = (want.last(e).unwrap(), got.last(e).unwrap());
-            let scale = w.iter().fold(0f32, |m, x| m.max(x.abs())) as f64;
-            let diff = w
-                .iter()
-                .zip(r)
-                .fold(0f64, |m, (a, b)| m.max((a - b).abs() as f64));
-            worst = worst.max(diff / scale);
+            worst = worst.max(relative_error(want.last(e).unwrap(), got.last(e).unwrap()));
         }
         if step == 2 {
             // Fork the 72-token sequence (two blocks) and continue both copies differently.
@@ -273,17 +267,21 @@ fn caches_grow_in_blocks_and_keep_what_they_hold() {
             };
             let want = c.forward(&one(cs[2])).unwrap();
             let got = g.forward(&one(gs[2])).unwrap();
-            let (w, r) = (want.last(0).unwrap(), got.last(0).unwrap());
-            let scale = w.iter().fold(0f32, |m, x| m.max(x.abs())) as f64;
-            let diff = w
-                .iter()
-                .zip(r)
-                .fold(0f64, |m, (a, b)| m.max((a - b).abs() as f64));
-            worst = worst.max(diff / scale);
+            worst = worst.max(relative_error(want.last(0).unwrap(), got.last(0).unwrap()));
         }
     }
     eprintln!("cache growth: worst relative error {worst:.2e}");
     assert!(worst < 1e-4, "worst relative error {worst:e}");
     assert_eq!(g.sequence_len(gs[0]), Some(112));
     assert_eq!(g.sequence_len(gs[1]), Some(104));
+}
+
+/// Largest |difference| relative to the row's largest |logit|.
+fn relative_error(want: &[f32], got: &[f32]) -> f64 {
+    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs())) as f64;
+    let diff = want
+        .iter()
+        .zip(got)
+        .fold(0f64, |m, (a, b)| m.max((a - b).abs() as f64));
+    diff / scale
 }
