@@ -228,6 +228,7 @@ pub struct ServeArgs {
     /// Address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface).
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
+    /// Port to listen on (0: any free one; the address is printed).
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
     /// The model's name in the API (default: the --model value, or gpt2 for synthetic weights).
