@@ -19,6 +19,7 @@ use gpt2rs::memory::Bytes;
 use gpt2rs::quant::DType;
 use gpt2rs::weights::ModelWeights;
 use gpt2rs::{Error, Result};
+use rayon::prelude::*;
 use std::collections::{HashMap, HashSet};
 use std::ffi::c_void;
 
@@ -790,13 +791,15 @@ impl Engine for CudaEngine {
                 .synchronize()
                 .map_err(device_err("copying logits from the GPU"))?;
             let n = wanted.len() * v;
-            logits.reserve_exact(n);
-            // SAFETY: `host` holds `n` f32 values as bytes, copied into the capacity just
-            // reserved; every byte pattern is a valid f32.
-            unsafe {
-                std::ptr::copy_nonoverlapping(host.as_ptr(), logits.as_mut_ptr() as *mut u8, bytes);
-                logits.set_len(n);
-            }
+            // SAFETY: page-locked memory is page-aligned, `host` holds `n` f32 values, and
+            // every byte pattern is a valid f32.
+            let src = unsafe { std::slice::from_raw_parts(host.as_ptr() as *const f32, n) };
+            // In parallel: 64 rows of logits are 13 MB, over a millisecond for one thread.
+            logits = vec![0f32; n];
+            logits
+                .par_chunks_mut(1 << 16)
+                .zip(src.par_chunks(1 << 16))
+                .for_each(|(d, s)| d.copy_from_slice(s));
         } else {
             self.dev
                 .stream

@@ -154,8 +154,11 @@ pub fn spawn(
         };
         workers.push(Worker::start(device, factory, ctx)?);
     }
+    // A few threads carry the HTTP side (JSON, SSE writes); the cores belong to the engines.
+    let http_threads =
+        std::thread::available_parallelism().map_or(2, |n| (n.get() / 4).clamp(2, 4));
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(http_threads)
         .thread_name("gpt2rs-http")
         .enable_all()
         .build()
