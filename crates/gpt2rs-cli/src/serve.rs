@@ -161,7 +161,10 @@ pub fn loadtest(a: LoadtestArgs) -> Result<()> {
         }
     }
     if lost > 0 {
-        bail!("{lost} request(s) got no complete answer");
+        bail!(
+            "{lost} request(s) got no complete answer (is `gpt2rs serve` running at {}?)",
+            a.url
+        );
     }
     Ok(())
 }

@@ -233,6 +233,14 @@ impl Scheduler {
         false
     }
 
+    /// Drops every request, freeing their sequences.
+    pub fn cancel_all(&mut self, engine: &mut dyn Engine) {
+        self.waiting.clear();
+        for a in self.active.drain(..) {
+            release(engine, &a);
+        }
+    }
+
     /// Requests not yet admitted.
     pub fn waiting(&self) -> usize {
         self.waiting.len()

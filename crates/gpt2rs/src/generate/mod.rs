@@ -211,7 +211,7 @@ pub fn generate(
     while !sched.is_idle() {
         let report = sched.step(engine, tokenizer);
         if let Some((e, _)) = report.failed {
-            request_ids_cancel(&mut sched, engine);
+            sched.cancel_all(engine);
             return Err(e);
         }
         if first {
@@ -261,12 +261,4 @@ pub fn generate(
     }
     stats.decode_time = decode_start.elapsed();
     Ok((completions, stats))
-}
-
-/// Drops whatever the scheduler still holds (after a failed pass).
-fn request_ids_cancel(sched: &mut Scheduler, engine: &mut dyn Engine) {
-    let ids: Vec<RequestId> = sched.request_ids().collect();
-    for id in ids {
-        sched.cancel(engine, id);
-    }
 }
