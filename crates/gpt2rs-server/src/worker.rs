@@ -267,11 +267,13 @@ fn run(
             .prompt_tokens
             .fetch_add(report.prefill_tokens as u64, Relaxed);
         // Jobs the scheduler admitted this step leave the queue.
-        let waiting: std::collections::HashSet<RequestId> = sched.waiting_ids().collect();
-        for (id, l) in live.iter_mut() {
-            if l.queued && !waiting.contains(id) {
-                l.queued = false;
-                metrics.queue_depth.fetch_sub(1, Relaxed);
+        if live.values().any(|l| l.queued) {
+            let waiting: std::collections::HashSet<RequestId> = sched.waiting_ids().collect();
+            for (id, l) in live.iter_mut() {
+                if l.queued && !waiting.contains(id) {
+                    l.queued = false;
+                    metrics.queue_depth.fetch_sub(1, Relaxed);
+                }
             }
         }
         if let Some((e, ids)) = report.failed {
