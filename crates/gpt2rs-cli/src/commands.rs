@@ -529,8 +529,9 @@ pub fn bench(a: crate::args::BenchArgs) -> Result<()> {
         }
     }
     eprintln!("measuring this machine's memory bandwidth and FLOP/s…");
-    let hw = hardware::probe(gpus);
-    let rows = sweep::run(&plan, &hw, &backends);
+    let mut hw = hardware::probe(gpus);
+    let (rows, drift) = sweep::run(&plan, &hw, &backends);
+    hw.drift = drift;
     if rows.iter().any(|r| r.synthetic) {
         notes.insert(
             0,

@@ -21,6 +21,8 @@ pub struct Device {
     module: Arc<CudaModule>,
     pub name: String,
     pub ordinal: usize,
+    /// Compute capability major version (9 = Hopper).
+    pub major: i32,
 }
 
 /// Turns any CUDA-side failure into the library's error, saying what was being done.
@@ -104,6 +106,7 @@ impl Device {
             module,
             name,
             ordinal,
+            major,
         })
     }
 

@@ -11,8 +11,11 @@ use crate::weights::{DeviceMatrix, DeviceModel, Precision};
 use cudarc::cublas::sys::{
     cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t,
 };
-use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::{CudaFunction, CudaGraph, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::sys::{
+    CUgraphInstantiate_flags, CUlaunchAttribute, CUlaunchAttributeID, CUlaunchAttributeValue,
+    CUlaunchConfig, CUstreamCaptureMode,
+};
+use cudarc::driver::{CudaFunction, CudaGraph, CudaSlice, DevicePtr, LaunchConfig};
 use gpt2rs::config::{Activation, Gpt2Config};
 use gpt2rs::engine::{BatchEntry, Engine, Logits, LogitsFor, SeqId};
 use gpt2rs::memory::Bytes;
@@ -33,19 +36,90 @@ const GEMV_MAX_ROWS: usize = 8;
 /// Decode batches up to this many sequences run as CUDA graphs.
 const MAX_GRAPH_ROWS: usize = 256;
 
-/// What follows a matrix product in the MLP: `out = act(product + bias)` in the model's
-/// precision (act: 0 gelu-tanh, 1 gelu-erf, 2 relu).
+/// What becomes of a matrix product's result (the `EPI_*` modes of kernels.cu): fused into
+/// the matrix-vector kernels of decode, an elementwise pass after cuBLAS for longer passes.
 #[derive(Clone, Copy)]
-struct Epilogue {
-    bias: u64,
-    out: u64,
-    act: i32,
+enum Epilogue {
+    /// f32 into `out` (the LM head); in the matrix-vector kernels, rows from `first_pick` on
+    /// are reduced to their pick keys in the pass's `ids` instead.
+    Plain { out: u64, first_pick: usize },
+    /// `act(v + bias)` in the model's precision into `out` (the MLP's first layer; act: 0
+    /// gelu-tanh, 1 gelu-erf, 2 relu).
+    Act { bias: u64, out: u64, act: i32 },
+    /// `x += v + bias` in f32: a projection back into the residual stream.
+    Residual { bias: u64, x: u64 },
+    /// The QKV projection plus bias: q (× scale, f32) into `q`, keys and values into each
+    /// row's cache at its position in layer `layer`.
+    Qkv {
+        bias: u64,
+        q: u64,
+        layer: i32,
+        scale: f32,
+    },
+}
+
+impl Epilogue {
+    /// The kernels' arguments for it (`EPI_PARAMS` of kernels.cu): mode, out, bias, act_out,
+    /// act, the KV target's caches, pos, caps, c, layer, n_layer, scale, then first_pick and
+    /// picks. `fused`: in a matrix-vector kernel (the only ones that pick).
+    fn args(self, p: &Pass, c: usize, n_layer: usize, fused: bool) -> [Arg; 14] {
+        let none = i32::MAX;
+        let (mode, out, bias, act_out, act, layer, scale, first_pick) = match self {
+            Self::Plain { out, first_pick } if fused => {
+                (0, out, 0, 0, 0, 0, 1.0, first_pick as i32)
+            }
+            Self::Plain { out, .. } => (0, out, 0, 0, 0, 0, 1.0, none),
+            Self::Act { bias, out, act } => (1, 0, bias, out, act, 0, 1.0, none),
+            Self::Residual { bias, x } => (2, x, bias, 0, 0, 0, 1.0, none),
+            Self::Qkv {
+                bias,
+                q,
+                layer,
+                scale,
+            } => (3, q, bias, 0, 0, layer, scale, none),
+        };
+        [
+            Arg::Int(mode),
+            Arg::Ptr(out),
+            Arg::Ptr(bias),
+            Arg::Ptr(act_out),
+            Arg::Int(act),
+            Arg::Ptr(p.caches),
+            Arg::Ptr(p.pos),
+            Arg::Ptr(p.caps),
+            Arg::Int(c as i32),
+            Arg::Int(layer),
+            Arg::Int(n_layer as i32),
+            Arg::Float(scale),
+            Arg::Int(first_pick),
+            Arg::Ptr(p.ids),
+        ]
+    }
+}
+
+/// What a matrix product multiplies.
+#[derive(Clone, Copy)]
+enum Input<'a> {
+    /// A buffer in the model's precision.
+    Ready(u64),
+    /// The layer norm of the residual stream x (rows through `rows`, a device list of row
+    /// numbers, when not 0), by its own kernel into `h`. (Fused into each block of the
+    /// matrix-vector kernels it measured slower on the H200: every block redoing the norm
+    /// delays its first weight reads.)
+    Normalized {
+        norm: &'a crate::weights::DeviceNorm,
+        rows: u64,
+    },
 }
 
 /// Device addresses of one pass's inputs and scratch buffers, and its sizes.
 struct Pass {
     rows: usize,
+    /// Rows whose logits are computed: those that come back whole, then those picked here.
     wanted: usize,
+    /// The last `picks` of them are reduced to their argmax on the GPU (into `ids`).
+    picks: usize,
+    ids: u64,
     tokens: u64,
     pos: u64,
     caches: u64,
@@ -54,11 +128,10 @@ struct Pass {
     wanted_rows: u64,
     x: u64,
     h: u64,
-    qkv: u64,
     q: u64,
     att: u64,
-    y: u64,
-    m32: u64,
+    /// f32 products of cuBLAS before their epilogue (passes of more than GEMV_MAX_ROWS rows).
+    product: u64,
     m: u64,
     logits: u64,
 }
@@ -68,7 +141,6 @@ struct Pass {
 enum Arg {
     Ptr(u64),
     Int(i32),
-    Long(u64),
     Float(f32),
 }
 
@@ -76,10 +148,10 @@ struct Kernels {
     /// `gemv[r - 1]`: the matrix-vector kernel for r rows.
     gemv: Vec<CudaFunction>,
     embed: CudaFunction,
-    add_layernorm: CudaFunction,
-    qkv_store: CudaFunction,
+    layernorm: CudaFunction,
     attention: CudaFunction,
-    bias_act: CudaFunction,
+    epilogue_rows: CudaFunction,
+    argmax: CudaFunction,
 }
 
 impl Kernels {
@@ -90,10 +162,10 @@ impl Kernels {
                 .map(|r| f(&format!("gemv{r}")))
                 .collect::<Result<_>>()?,
             embed: f("embed")?,
-            add_layernorm: f("add_layernorm")?,
-            qkv_store: f("qkv_store")?,
+            layernorm: f("layernorm")?,
             attention: f("attention")?,
-            bias_act: f("bias_act")?,
+            epilogue_rows: f("epilogue_rows")?,
+            argmax: f("argmax")?,
         })
     }
 }
@@ -126,9 +198,12 @@ pub struct CudaEngine {
     seqs: HashMap<SeqId, Seq>,
     next_id: u64,
     scratch: Scratch,
-    /// Captured decode steps by (rows, rows with logits); they point into `scratch`.
-    graphs: HashMap<(usize, usize), CudaGraph>,
+    /// Captured decode steps by (rows, rows with logits, of them picked on the GPU); they
+    /// point into `scratch`.
+    graphs: HashMap<(usize, usize, usize), CudaGraph>,
     use_graphs: bool,
+    /// Programmatic dependent launch (Hopper and later).
+    use_pdl: bool,
     /// Page-locked host memory the logits come back through, grown as needed.
     pinned: Option<cudarc::driver::PinnedHostSlice<u8>>,
 }
@@ -150,6 +225,8 @@ impl CudaEngine {
         }
         let kernels = Kernels::load(&dev, precision)?;
         let w = DeviceModel::upload(&dev, weights, precision)?;
+        // GPT2RS_CUDA_PDL=0 serializes kernels the ordinary way (for comparisons).
+        let use_pdl = dev.major >= 9 && std::env::var("GPT2RS_CUDA_PDL").map_or(true, |v| v != "0");
         Ok(Self {
             dev,
             kernels,
@@ -162,6 +239,7 @@ impl CudaEngine {
             graphs: HashMap::new(),
             // GPT2RS_CUDA_GRAPHS=0 launches every kernel of every step (for comparisons).
             use_graphs: std::env::var("GPT2RS_CUDA_GRAPHS").map_or(true, |v| v != "0"),
+            use_pdl,
             pinned: None,
         })
     }
@@ -185,9 +263,10 @@ impl CudaEngine {
         let p = Precision::for_dtype(dtype)?;
         let (c, inner, es) = (config.n_embd, config.n_inner, p.size());
         let cap = rows.next_power_of_two().max(64);
-        // x, h, qkv, q, att, y, m32, m: the scratch buffers of `forward`.
-        let per_row = c * 4 + c * es + 3 * c * 4 + c * 4 + c * es + c * 4 + inner * 4 + inner * es;
-        let logits = sequences.next_power_of_two() * config.vocab_size * 4;
+        // x, h, q, att, product, m: the scratch buffers of `forward`.
+        let per_row = c * 4 + c * es + c * 4 + c * es + (3 * c).max(inner) * 4 + inner * es;
+        // Logits (and picked ids) of every sequence.
+        let logits = sequences.next_power_of_two() * (config.vocab_size + 1) * 4;
         Ok(MemoryNeeded {
             weights: DeviceModel::bytes_for(config, !config.tie_word_embeddings, p),
             kv_cache: sequences as u64 * cache_bytes(config, p),
@@ -195,52 +274,107 @@ impl CudaEngine {
         })
     }
 
+    /// Launches `f`; on Hopper and later with programmatic dependent launch, so it starts
+    /// while the previous kernel finishes (every kernel of kernels.cu waits for its
+    /// predecessor before reading what that wrote).
     fn launch(&self, f: &CudaFunction, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
-        let mut b = self.dev.stream.launch_builder(f);
-        for a in args {
-            match a {
-                Arg::Ptr(v) | Arg::Long(v) => b.arg(v),
-                Arg::Int(v) => b.arg(v),
-                Arg::Float(v) => b.arg(v),
-            };
+        // Each parameter's value in an 8-byte slot (4-byte ones in its low half: the
+        // driver copies as many bytes as the kernel declares).
+        let mut values: Vec<u64> = args
+            .iter()
+            .map(|a| match *a {
+                Arg::Ptr(v) => v,
+                Arg::Int(v) => u64::from(v as u32),
+                Arg::Float(v) => u64::from(v.to_bits()),
+            })
+            .collect();
+        let mut params: Vec<*mut c_void> = values
+            .iter_mut()
+            .map(|v| v as *mut u64 as *mut c_void)
+            .collect();
+        let mut pdl = CUlaunchAttribute {
+            id: CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+            pad: [0; 4],
+            value: CUlaunchAttributeValue {
+                programmaticStreamSerializationAllowed: 1,
+            },
+        };
+        let config = CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: self.dev.stream.cu_stream(),
+            attrs: &mut pdl,
+            numAttrs: u32::from(self.use_pdl),
+        };
+        self.dev
+            .ctx
+            .bind_to_thread()
+            .map_err(device_err("binding the CUDA context"))?;
+        // SAFETY: every launch passes the argument list its kernel declares (each slot holds
+        // a value of the declared size), with buffers sized for the rows and widths it is
+        // given; `values`, `params` and `pdl` outlive the call.
+        unsafe {
+            cudarc::driver::sys::cuLaunchKernelEx(
+                &config,
+                f.cu_function(),
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
         }
-        // SAFETY: every launch below passes the argument list its kernel declares, with
-        // buffers sized for the rows and widths it is given.
-        unsafe { b.launch(cfg) }
-            .map(|_| ())
-            .map_err(device_err("launching a kernel"))
+        .result()
+        .map_err(device_err("launching a kernel"))
     }
 
-    /// `out[rows, n]` (f32) = `x[rows, k]` · `wᵀ`, with `w` `[n, k]` row-major; with an
-    /// epilogue, its `act(out + bias)` in the model's precision goes to the epilogue's buffer.
+    /// `input[rows, k]` · `wᵀ` (`w` `[n, k]` row-major) through `epi`: up to GEMV_MAX_ROWS
+    /// rows in one matrix-vector kernel with the epilogue fused, more through cuBLAS (f32
+    /// into the pass's product buffer) and an elementwise epilogue.
     fn gemm(
         &self,
-        x: u64,
+        p: &Pass,
+        input: Input,
         rows: usize,
         w: &DeviceMatrix,
-        out: u64,
-        epilogue: Option<Epilogue>,
+        epi: Epilogue,
     ) -> Result<()> {
         let (n, k) = (w.rows as i32, w.cols as i32);
+        let (c, n_layer, es) = (
+            self.config.n_embd,
+            self.config.n_layer,
+            self.precision.size(),
+        );
+        let x = match input {
+            Input::Ready(x) => x,
+            Input::Normalized { norm, rows: which } => {
+                self.layernorm(p, norm, rows, which)?;
+                p.h
+            }
+        };
         if rows <= GEMV_MAX_ROWS {
-            // One warp per weight row, 8 warps per block.
+            let wpr = warps_per_row(w.rows, w.cols, es);
             let cfg = LaunchConfig {
-                grid_dim: ((w.rows as u32).div_ceil(8), 1, 1),
+                grid_dim: ((w.rows * wpr).div_ceil(8) as u32, 1, 1),
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let args = [
+            let mut args = vec![
                 Arg::Ptr(x),
                 Arg::Ptr(w.ptr(&self.dev)),
-                Arg::Ptr(out),
                 Arg::Int(n),
                 Arg::Int(k),
-                Arg::Ptr(epilogue.map_or(0, |e| e.bias)),
-                Arg::Ptr(epilogue.map_or(0, |e| e.out)),
-                Arg::Int(epilogue.map_or(0, |e| e.act)),
+                Arg::Int(wpr as i32),
             ];
+            args.extend(epi.args(p, c, n_layer, true));
             return self.launch(&self.kernels.gemv[rows - 1], cfg, &args);
         }
+        let out = match epi {
+            Epilogue::Plain { out, .. } => out,
+            _ => p.product,
+        };
         let ty = self.precision.cuda_type();
         let (alpha, beta) = (1f32, 0f32);
         // Column-major view: out (n × rows) = wᵀ' (n × k) · x' (k × rows), where the row-major
@@ -270,22 +404,70 @@ impl CudaEngine {
             )
         }
         .map_err(device_err("a cuBLAS GEMM"))?;
-        let Some(e) = epilogue else { return Ok(()) };
+        if let Epilogue::Plain { first_pick, .. } = epi {
+            return self.argmax(p, first_pick, rows);
+        }
         let total = rows as u64 * n as u64;
+        let mut args = vec![Arg::Ptr(p.product), Arg::Int(rows as i32), Arg::Int(n)];
+        args.extend(epi.args(p, c, n_layer, false));
         self.launch(
-            &self.kernels.bias_act,
+            &self.kernels.epilogue_rows,
             LaunchConfig {
                 grid_dim: (total.div_ceil(ROW_THREADS as u64).min(65_535) as u32, 1, 1),
                 block_dim: (ROW_THREADS, 1, 1),
                 shared_mem_bytes: 0,
             },
+            &args,
+        )
+    }
+
+    /// The layer norm of `rows` rows of x (through the device row list `which`, when not 0)
+    /// into h, in the model's precision.
+    fn layernorm(
+        &self,
+        p: &Pass,
+        norm: &crate::weights::DeviceNorm,
+        rows: usize,
+        which: u64,
+    ) -> Result<()> {
+        let c = self.config.n_embd;
+        self.launch(
+            &self.kernels.layernorm,
+            LaunchConfig {
+                grid_dim: (rows as u32, 1, 1),
+                block_dim: (ROW_THREADS, 1, 1),
+                // The row stays in shared memory between the passes.
+                shared_mem_bytes: (c * 4) as u32,
+            },
             &[
-                Arg::Ptr(out),
-                Arg::Ptr(e.bias),
-                Arg::Ptr(e.out),
-                Arg::Int(n),
-                Arg::Long(total),
-                Arg::Int(e.act),
+                Arg::Ptr(p.x),
+                Arg::Ptr(which),
+                Arg::Ptr(norm.gamma.ptr(&self.dev)),
+                Arg::Ptr(norm.beta.ptr(&self.dev)),
+                Arg::Ptr(p.h),
+                Arg::Int(c as i32),
+                Arg::Float(self.config.layer_norm_epsilon),
+            ],
+        )
+    }
+
+    /// Pick keys of logits rows `first_pick..rows` into the pass's `ids`, one block a row.
+    fn argmax(&self, p: &Pass, first_pick: usize, rows: usize) -> Result<()> {
+        if first_pick >= rows {
+            return Ok(());
+        }
+        self.launch(
+            &self.kernels.argmax,
+            LaunchConfig {
+                grid_dim: ((rows - first_pick) as u32, 1, 1),
+                block_dim: (1024, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            &[
+                Arg::Ptr(p.logits),
+                Arg::Int(first_pick as i32),
+                Arg::Int(self.config.vocab_size as i32),
+                Arg::Ptr(p.ids),
             ],
         )
     }
@@ -294,25 +476,25 @@ impl CudaEngine {
     /// captured into a graph).
     fn enqueue(&self, p: &Pass) -> Result<()> {
         let cfg = &self.config;
-        let (c, l_n, rows) = (cfg.n_embd, cfg.n_layer, p.rows);
-        let (x, h, qkv, q, att, y, m32, m) = (p.x, p.h, p.qkv, p.q, p.att, p.y, p.m32, p.m);
-        let row_cfg = |n: usize| LaunchConfig {
-            grid_dim: (n as u32, 1, 1),
-            block_dim: (ROW_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // Layer norms keep their row in shared memory.
-        let norm_cfg = |n: usize| LaunchConfig {
-            shared_mem_bytes: (c * 4) as u32,
-            ..row_cfg(n)
-        };
-        let (ci, eps) = (c as i32, cfg.layer_norm_epsilon);
+        let (c, rows) = (cfg.n_embd, p.rows);
+        let (x, q, att, m) = (p.x, p.q, p.att, p.m);
+        let ci = c as i32;
         let k = &self.kernels;
         let w = &self.w;
         let dev = &self.dev;
+        // The LM head's matrix-vector kernel takes the maximum of the pick keys: clear them.
+        let cleared = if p.wanted <= GEMV_MAX_ROWS {
+            p.picks
+        } else {
+            0
+        };
         self.launch(
             &k.embed,
-            row_cfg(rows),
+            LaunchConfig {
+                grid_dim: (rows as u32, 1, 1),
+                block_dim: (ROW_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            },
             &[
                 Arg::Ptr(p.tokens),
                 Arg::Ptr(p.pos),
@@ -320,6 +502,8 @@ impl CudaEngine {
                 Arg::Ptr(w.wpe.ptr(dev)),
                 Arg::Ptr(x),
                 Arg::Int(ci),
+                Arg::Ptr(p.ids),
+                Arg::Int(cleared as i32),
             ],
         )?;
         let act = match cfg.activation {
@@ -336,32 +520,8 @@ impl CudaEngine {
                 + cfg.head_dim())
                 * 4) as u32,
         };
-        // The residual branch still to be added to x before the next norm, and its bias.
-        let mut pending: Option<u64> = None;
+        let normalized = |norm, rows| Input::Normalized { norm, rows };
         for (l, lw) in w.layers.iter().enumerate() {
-            let (y_arg, yb_arg) = match pending {
-                Some(b) => (Arg::Ptr(y), Arg::Ptr(b)),
-                None => (Arg::Ptr(0), Arg::Ptr(0)),
-            };
-            let norm = |n: &crate::weights::DeviceNorm, out: u64, y: Arg, yb: Arg| {
-                [
-                    Arg::Ptr(x),
-                    y,
-                    yb,
-                    Arg::Ptr(0),
-                    Arg::Ptr(n.gamma.ptr(dev)),
-                    Arg::Ptr(n.beta.ptr(dev)),
-                    Arg::Ptr(out),
-                    Arg::Int(ci),
-                    Arg::Float(eps),
-                ]
-            };
-            self.launch(
-                &k.add_layernorm,
-                norm_cfg(rows),
-                &norm(&lw.ln_1, h, y_arg, yb_arg),
-            )?;
-            self.gemm(h, rows, &lw.qkv.w, qkv, None)?;
             let mut scale = if cfg.scale_attn_weights {
                 1.0 / (cfg.head_dim() as f32).sqrt()
             } else {
@@ -370,25 +530,13 @@ impl CudaEngine {
             if cfg.scale_attn_by_inverse_layer_idx {
                 scale /= (l + 1) as f32;
             }
-            self.launch(
-                &k.qkv_store,
-                LaunchConfig {
-                    grid_dim: (rows as u32, (c as u32).div_ceil(ROW_THREADS), 1),
-                    ..row_cfg(rows)
-                },
-                &[
-                    Arg::Ptr(qkv),
-                    Arg::Ptr(lw.qkv.b.ptr(dev)),
-                    Arg::Ptr(q),
-                    Arg::Ptr(p.caches),
-                    Arg::Ptr(p.pos),
-                    Arg::Ptr(p.caps),
-                    Arg::Int(ci),
-                    Arg::Int(l as i32),
-                    Arg::Int(l_n as i32),
-                    Arg::Float(scale),
-                ],
-            )?;
+            let qkv = Epilogue::Qkv {
+                bias: lw.qkv.b.ptr(dev),
+                q,
+                layer: l as i32,
+                scale,
+            };
+            self.gemm(p, normalized(&lw.ln_1, 0), rows, &lw.qkv.w, qkv)?;
             self.launch(
                 &k.attention,
                 attention_cfg,
@@ -401,49 +549,34 @@ impl CudaEngine {
                     Arg::Int(ci),
                     Arg::Int(cfg.n_head as i32),
                     Arg::Int(l as i32),
-                    Arg::Int(l_n as i32),
+                    Arg::Int(cfg.n_layer as i32),
                     Arg::Int(cfg.n_positions as i32),
                 ],
             )?;
-            self.gemm(att, rows, &lw.attn_out.w, y, None)?;
-            let yb = Arg::Ptr(lw.attn_out.b.ptr(dev));
-            self.launch(
-                &k.add_layernorm,
-                norm_cfg(rows),
-                &norm(&lw.ln_2, h, Arg::Ptr(y), yb),
-            )?;
-            let mlp_act = Epilogue {
+            let back = |bias: &crate::weights::DeviceVec| Epilogue::Residual {
+                bias: bias.ptr(dev),
+                x,
+            };
+            let attn_out = back(&lw.attn_out.b);
+            self.gemm(p, Input::Ready(att), rows, &lw.attn_out.w, attn_out)?;
+            let mlp_act = Epilogue::Act {
                 bias: lw.mlp_in.b.ptr(dev),
                 out: m,
                 act,
             };
-            self.gemm(h, rows, &lw.mlp_in.w, m32, Some(mlp_act))?;
-            self.gemm(m, rows, &lw.mlp_out.w, y, None)?;
-            pending = Some(lw.mlp_out.b.ptr(dev));
+            self.gemm(p, normalized(&lw.ln_2, 0), rows, &lw.mlp_in.w, mlp_act)?;
+            let mlp_out = back(&lw.mlp_out.b);
+            self.gemm(p, Input::Ready(m), rows, &lw.mlp_out.w, mlp_out)?;
         }
 
-        // The last residual add and the final norm, for the wanted rows only; then the head.
+        // The final norm of the wanted rows only, the head, and the picks.
         if p.wanted > 0 {
-            let (y_arg, yb_arg) = match pending {
-                Some(b) => (Arg::Ptr(y), Arg::Ptr(b)),
-                None => (Arg::Ptr(0), Arg::Ptr(0)),
+            let head = Epilogue::Plain {
+                out: p.logits,
+                first_pick: p.wanted - p.picks,
             };
-            self.launch(
-                &k.add_layernorm,
-                norm_cfg(p.wanted),
-                &[
-                    Arg::Ptr(x),
-                    y_arg,
-                    yb_arg,
-                    Arg::Ptr(p.wanted_rows),
-                    Arg::Ptr(w.ln_f.gamma.ptr(dev)),
-                    Arg::Ptr(w.ln_f.beta.ptr(dev)),
-                    Arg::Ptr(h),
-                    Arg::Int(ci),
-                    Arg::Float(eps),
-                ],
-            )?;
-            self.gemm(h, p.wanted, w.lm_head(), p.logits, None)?;
+            let last = normalized(&w.ln_f, p.wanted_rows);
+            self.gemm(p, last, p.wanted, w.lm_head(), head)?;
         }
         Ok(())
     }
@@ -593,6 +726,18 @@ impl CudaEngine {
     }
 }
 
+/// Warps sharing each weight row in the matrix-vector kernels (1, 2, 4 or 8): enough warps in
+/// all to fill an H100-class GPU (132 SMs × 64 warps), each still with at least one 16-byte
+/// piece per lane of its share of the row.
+fn warps_per_row(rows: usize, cols: usize, elem_bytes: usize) -> usize {
+    let pieces = cols * elem_bytes / (32 * 16);
+    let mut wpr = 1;
+    while wpr < 8 && rows * wpr < 8192 && pieces >= 2 * wpr {
+        wpr *= 2;
+    }
+    wpr
+}
+
 /// GPU memory an engine needs, by what it holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryNeeded {
@@ -685,7 +830,9 @@ impl Engine for CudaEngine {
         // Per row: token, position, its sequence's cache; and the rows whose logits are wanted.
         let (mut tokens, mut pos, mut caches, mut caps) = (vec![], vec![], vec![], vec![]);
         let (mut wanted, mut per_entry) = (vec![], vec![]);
-        for e in batch {
+        // Rows picked on the GPU, after the rows whose logits come back: (entry, row).
+        let mut picked = vec![];
+        for (entry, e) in batch.iter().enumerate() {
             let s = &self.seqs[&e.seq];
             let cache = s
                 .cache
@@ -703,10 +850,16 @@ impl Engine for CudaEngine {
                 LogitsFor::Nothing => first..first,
                 LogitsFor::Last => first + n - 1..first + n,
                 LogitsFor::All => first..first + n,
+                LogitsFor::Pick => {
+                    picked.push((entry, first + n - 1));
+                    first..first
+                }
             };
             per_entry.push(range.len());
             wanted.extend(range);
         }
+        let full = wanted.len();
+        wanted.extend(picked.iter().map(|&(_, row)| row));
         let rows = tokens.len();
         if rows == 0 {
             return Ok(Logits::new(v, vec![], &per_entry));
@@ -734,6 +887,8 @@ impl Engine for CudaEngine {
         let p = Pass {
             rows,
             wanted: wanted.len(),
+            picks: picked.len(),
+            ids: self.scratch("ids", wcap * 8)?,
             tokens: meta + (cap * 8) as u64,
             pos: meta + (cap * 12) as u64,
             caches: meta,
@@ -741,11 +896,9 @@ impl Engine for CudaEngine {
             caps: meta + (cap * 20) as u64,
             x: self.scratch("x", cap * c * 4)?,
             h: self.scratch("h", cap * c * es)?,
-            qkv: self.scratch("qkv", cap * 3 * c * 4)?,
             q: self.scratch("q", cap * c * 4)?,
             att: self.scratch("att", cap * c * es)?,
-            y: self.scratch("y", cap * c * 4)?,
-            m32: self.scratch("m32", cap * inner * 4)?,
+            product: self.scratch("product", cap * (3 * c).max(inner) * 4)?,
             m: self.scratch("m", cap * inner * es)?,
             logits: self.scratch("logits", wcap * v * 4)?,
         };
@@ -753,7 +906,7 @@ impl Engine for CudaEngine {
         // the first time this batch shape is seen: one launch instead of ~10 per layer.
         let decode = batch.iter().all(|e| e.tokens.len() == 1);
         if decode && self.use_graphs && rows <= MAX_GRAPH_ROWS {
-            let key = (rows, wanted.len());
+            let key = (rows, wanted.len(), picked.len());
             if !self.graphs.contains_key(&key) {
                 let graph = self.capture(&p)?;
                 self.graphs.insert(key, graph);
@@ -765,11 +918,24 @@ impl Engine for CudaEngine {
             self.enqueue(&p)?;
         }
 
+        let mut picks = vec![None; batch.len()];
+        if !picked.is_empty() {
+            let mut keys = vec![0u64; picked.len()];
+            let buf = &self.scratch.bufs["ids"];
+            self.dev
+                .stream
+                .memcpy_dtoh(&buf.slice(..keys.len() * 8), key_bytes(&mut keys))
+                .map_err(device_err("copying picked tokens from the GPU"))?;
+            for (&(entry, _), &key) in picked.iter().zip(&keys) {
+                // The low half holds the token's bits inverted (see pick_key in kernels.cu).
+                picks[entry] = Some(!(key as u32));
+            }
+        }
         let mut logits = Vec::new();
-        if !wanted.is_empty() {
+        if full > 0 {
             // Through page-locked memory: a batch of 64 brings back 13 MB of logits a step,
             // which pageable memory copies at a third of the speed.
-            let bytes = wanted.len() * v * 4;
+            let bytes = full * v * 4;
             if self.pinned.as_ref().is_none_or(|p| p.len() < wcap * v * 4) {
                 // SAFETY: the buffer is only read after the copy below has filled it.
                 let p = unsafe { self.dev.ctx.alloc_pinned::<u8>(wcap * v * 4) }
@@ -790,7 +956,7 @@ impl Engine for CudaEngine {
                 .stream
                 .synchronize()
                 .map_err(device_err("copying logits from the GPU"))?;
-            let n = wanted.len() * v;
+            let n = full * v;
             // SAFETY: page-locked memory is page-aligned, `host` holds `n` f32 values, and
             // every byte pattern is a valid f32.
             let src = unsafe { std::slice::from_raw_parts(host.as_ptr() as *const f32, n) };
@@ -809,6 +975,12 @@ impl Engine for CudaEngine {
         for e in batch {
             self.seqs.get_mut(&e.seq).expect("validated").len += e.tokens.len();
         }
-        Ok(Logits::new(v, logits, &per_entry))
+        Ok(Logits::new(v, logits, &per_entry).with_picks(picks))
     }
+}
+
+/// The bytes of `keys`, for a copy from the GPU.
+fn key_bytes(keys: &mut [u64]) -> &mut [u8] {
+    // SAFETY: u64 has no padding and every byte pattern is a valid u64.
+    unsafe { std::slice::from_raw_parts_mut(keys.as_mut_ptr() as *mut u8, keys.len() * 8) }
 }

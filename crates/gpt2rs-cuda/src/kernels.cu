@@ -6,7 +6,33 @@
 // No headers: the f16/bf16 conversions are single PTX instructions.
 
 #define FULL_MASK 0xffffffffu
+
+// Programmatic dependent launch (Hopper and later): each kernel lets the next one launch as
+// soon as all its blocks have started, and waits for the previous one to finish (and its
+// writes to be visible) before touching anything it wrote or reads. What comes before the
+// wait may only read weights. Without the launch attribute, or before sm_90, both are no-ops.
+__device__ __forceinline__ void pdl_launch_next() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+#define PDL_START() \
+    pdl_launch_next(); \
+    pdl_wait();
 #define NEG_INF __int_as_float(0xff800000)
+
+// A logit and its token as one orderable 64-bit key: atomicMax over keys keeps the largest
+// logit and, among equal ones, the smallest token (as the host's argmax); NaN never wins.
+__device__ __forceinline__ unsigned long long pick_key(float v, int j) {
+    unsigned int u = __float_as_uint(v);
+    u = v != v ? 0u : (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    return ((unsigned long long)u << 32) | (unsigned int)(~j);
+}
 
 struct F32 {
     typedef float T;
@@ -63,37 +89,33 @@ __device__ float block_max(float v, float* red) {
     return v;
 }
 
-// x[r] = wte[tokens[r]] + wpe[pos[r]]; one block per row.
+// x[r] = wte[tokens[r]] + wpe[pos[r]]; one block per row. Also clears the pass's n_picks
+// pick keys (the LM head's matrix-vector kernel takes their maximum).
 template <class S>
 __device__ void embed(const int* tokens, const int* pos, const typename S::T* wte,
-                      const float* wpe, float* x, int c) {
+                      const float* wpe, float* x, int c, unsigned long long* picks, int n_picks) {
     int r = blockIdx.x;
+    if (r == 0 && (int)threadIdx.x < n_picks) picks[threadIdx.x] = 0;
     const typename S::T* te = wte + (size_t)tokens[r] * c;
     const float* pe = wpe + (size_t)pos[r] * c;
     for (int i = threadIdx.x; i < c; i += blockDim.x) x[(size_t)r * c + i] = S::load(te[i]) + pe[i];
 }
 
 // One block per output row r, reading row src = (rows ? rows[r] : r) of x:
-// if y: x[src] += y[src] + y_bias (the residual add of the previous projection), then
 // out[r] = layernorm(x[src]) · gamma + beta in S::T. The row is kept in shared memory (c
-// floats, dynamic) between the passes.
+// floats, dynamic) between the passes. (Residual adds happen in the products' epilogues.)
 template <class S>
-__device__ void add_layernorm(float* __restrict__ x, const float* __restrict__ y,
-                              const float* __restrict__ y_bias, const int* __restrict__ rows,
-                              const float* __restrict__ gamma, const float* __restrict__ beta,
-                              typename S::T* __restrict__ out, int c, float eps) {
+__device__ void layernorm(const float* __restrict__ x, const int* __restrict__ rows,
+                          const float* __restrict__ gamma, const float* __restrict__ beta,
+                          typename S::T* __restrict__ out, int c, float eps) {
     extern __shared__ float row[];
     __shared__ float red[32];
     int r = blockIdx.x;
     int src = rows ? rows[r] : r;
-    float* xr = x + (size_t)src * c;
+    const float* xr = x + (size_t)src * c;
     float s = 0.f;
     for (int i = threadIdx.x; i < c; i += blockDim.x) {
         float v = xr[i];
-        if (y) {
-            v += y[(size_t)src * c + i] + y_bias[i];
-            xr[i] = v;
-        }
         row[i] = v;
         s += v;
     }
@@ -106,26 +128,6 @@ __device__ void add_layernorm(float* __restrict__ x, const float* __restrict__ y
     float inv = rsqrtf(block_sum(q, red) / c + eps);
     for (int i = threadIdx.x; i < c; i += blockDim.x)
         out[(size_t)r * c + i] = S::store((row[i] - mean) * inv * gamma[i] + beta[i]);
-}
-
-// Splits the QKV projection (no bias yet) of row r: q (f32, scaled) to `q`, k and v into the
-// row's sequence cache at its position. A sequence's cache holds keys then values, each
-// [n_layer][caps[r]][c] in S::T (caps[r]: the positions it has room for, grown in blocks).
-// Grid: (rows, c / blockDim.x rounded up), one element a thread.
-template <class S>
-__device__ void qkv_store(const float* __restrict__ qkv, const float* __restrict__ bias,
-                          float* __restrict__ q, const unsigned long long* __restrict__ caches,
-                          const int* __restrict__ pos, const int* __restrict__ caps, int c,
-                          int layer, int n_layer, float scale) {
-    int r = blockIdx.x, i = blockIdx.y * blockDim.x + threadIdx.x;
-    if (i >= c) return;
-    size_t cap = caps[r];
-    typename S::T* keys = (typename S::T*)caches[r] + ((size_t)layer * cap + pos[r]) * c;
-    typename S::T* values = keys + (size_t)n_layer * cap * c;
-    const float* row = qkv + (size_t)r * 3 * c;
-    q[(size_t)r * c + i] = (row[i] + bias[i]) * scale;
-    keys[i] = S::store(row[c + i] + bias[c + i]);
-    values[i] = S::store(row[2 * c + i] + bias[2 * c + i]);
 }
 
 // softmax(q · Kᵀ) · V for head blockIdx.x of row blockIdx.y over its cache positions
@@ -216,6 +218,54 @@ __device__ void attention(const float* q, const unsigned long long* caches, cons
     }
 }
 
+// picks[b] = pick_key of the largest value in row first + b of logits ([*, v] f32) and its
+// first index, as greedy sampling on the host picks (NaN never wins); one block per row.
+__device__ void argmax_rows(const float* __restrict__ logits, int first, int v,
+                            unsigned long long* picks) {
+    __shared__ float best_v[32];
+    __shared__ int best_i[32];
+    const float* row = logits + (size_t)(first + blockIdx.x) * v;
+    float best = NEG_INF;
+    int bi = 0x7fffffff;
+    // Each thread walks its indices upwards, so a strict > keeps its first largest.
+    for (int i = threadIdx.x; i < v; i += blockDim.x) {
+        float x = row[i];
+        if (x > best) {
+            best = x;
+            bi = i;
+        }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(FULL_MASK, best, o);
+        int oi = __shfl_xor_sync(FULL_MASK, bi, o);
+        if (ov > best || (ov == best && oi < bi)) {
+            best = ov;
+            bi = oi;
+        }
+    }
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (lane == 0) {
+        best_v[warp] = best;
+        best_i[warp] = bi;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        bool live = lane < (int)(blockDim.x >> 5);
+        best = live ? best_v[lane] : NEG_INF;
+        bi = live ? best_i[lane] : 0x7fffffff;
+        for (int o = 16; o > 0; o >>= 1) {
+            float ov = __shfl_xor_sync(FULL_MASK, best, o);
+            int oi = __shfl_xor_sync(FULL_MASK, bi, o);
+            if (ov > best || (ov == best && oi < bi)) {
+                best = ov;
+                bi = oi;
+            }
+        }
+        // A row of nothing but -inf or NaN: the host's argmax answers 0 too.
+        if (lane == 0) picks[blockIdx.x] = bi == 0x7fffffff ? pick_key(NEG_INF, 0) : pick_key(best, bi);
+    }
+}
+
 // GPT-2's activations: 0 gelu (tanh), 1 gelu (erf), 2 relu.
 __device__ __forceinline__ float activate(float v, int act) {
     if (act == 0) return 0.5f * v * (1.f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
@@ -223,102 +273,221 @@ __device__ __forceinline__ float activate(float v, int act) {
     return fmaxf(v, 0.f);
 }
 
-// out = act(y + bias) over [rows, n].
+// What a matrix product's result v = (x · wᵀ)[r, j] becomes (its epilogue):
+//   PLAIN     out[r, j] = v (f32; the LM head); rows r >= first_pick are instead reduced to
+//             their largest v into picks[r - first_pick] (see pick_key), in matrix-vector
+//             kernels only
+//   ACT       act_out[r, j] = act(v + bias[j])                     (S::T; the MLP's first layer)
+//   RESIDUAL  out[r, j] += v + bias[j]                             (f32; x, the residual stream)
+//   QKV       v + bias[j]: q (f32, × scale) for j < c, else into the row's K or V cache
+#define EPI_PLAIN 0
+#define EPI_ACT 1
+#define EPI_RESIDUAL 2
+#define EPI_QKV 3
+
+// Where an epilogue writes. QKV: each row's sequence cache holds keys then values, each
+// [n_layer][caps[r]][c] in S::T (caps[r]: the positions it has room for).
 template <class S>
-__device__ void bias_act(const float* y, const float* bias, typename S::T* out, int n,
-                         unsigned long long total, int act) {
-    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < total;
-         i += (unsigned long long)gridDim.x * blockDim.x) {
-        out[i] = S::store(activate(y[i] + bias[i % n], act));
+struct Epi {
+    int mode;
+    float* out;
+    const float* bias;
+    typename S::T* act_out;
+    int act;
+    const unsigned long long* caches;
+    const int* pos;
+    const int* caps;
+    int c, layer, n_layer;
+    float scale;
+    int first_pick;
+    unsigned long long* picks;
+};
+
+template <class S>
+__device__ __forceinline__ void epilogue(const Epi<S>& e, float v, int r, int j, int n) {
+    if (e.mode == EPI_PLAIN) {
+        e.out[(size_t)r * n + j] = v;
+    } else if (e.mode == EPI_ACT) {
+        e.act_out[(size_t)r * n + j] = S::store(activate(v + e.bias[j], e.act));
+    } else if (e.mode == EPI_RESIDUAL) {
+        e.out[(size_t)r * n + j] += v + e.bias[j];
+    } else {
+        v += e.bias[j];
+        int c = e.c;
+        if (j < c) {
+            e.out[(size_t)r * c + j] = v * e.scale;
+            return;
+        }
+        size_t cap = e.caps[r];
+        typename S::T* keys =
+            (typename S::T*)e.caches[r] + ((size_t)e.layer * cap + e.pos[r]) * c;
+        if (j < 2 * c) {
+            keys[j - c] = S::store(v);
+        } else {
+            keys[(size_t)e.n_layer * cap * c + j - 2 * c] = S::store(v);
+        }
     }
 }
 
-
-// out[r, j] = Σ_i x[r, i] · w[j, i] for r < R, j < n: decode's matrix-vector products, one warp
-// per weight row, so each weight is read once (16-byte loads) for all R rows of x. Both in S::T;
-// out f32 [R, n].
-// With `act_out`, writes act(v + bias[j]) in S::T there instead (the MLP's first layer).
+// x · wᵀ for r < R rows of x, j < n rows of w ([n, k] row-major), in S::T with f32
+// accumulation, through `epilogue`: decode's matrix-vector products, each weight read once
+// (16-byte loads) for all R rows. `wpr` warps (1, 2, 4 or 8) share a weight row, each summing
+// every wpr-th piece of it, so a matrix with few long rows still has enough loads in flight;
+// blocks of 256 threads hold 8 / wpr rows.
 template <class S, int R>
 __device__ void gemv(const typename S::T* __restrict__ x, const typename S::T* __restrict__ w,
-                     float* __restrict__ out, int n, int k, const float* __restrict__ bias,
-                     typename S::T* __restrict__ act_out, int act) {
+                     int n, int k, int wpr, const Epi<S>& e) {
     typedef typename S::T T;
     const int V = 16 / sizeof(T);
-    int j = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
-    if (j >= n) return;
-    const T* wr = w + (size_t)j * k;
+    __shared__ float red[8 * R];
+    __shared__ float fin[8][R];
+    pdl_launch_next();
+    int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    int j = blockIdx.x * (8 / wpr) + warp / wpr, slice = warp % wpr;
+    bool live = j < n, vec = k % V == 0;
+    const T* wr = w + (size_t)(live ? j : 0) * k;
+    int step = wpr * 32 * V, first = (slice * 32 + lane) * V;
+    // The first pieces of this warp's share of the row are read before waiting for x (the
+    // previous kernel's output), so they stream in while that kernel finishes.
+    const int PRE = 4;
+    uint4 pre[PRE];
+    if (live && vec) {
+#pragma unroll
+        for (int p = 0; p < PRE; p++) {
+            int i = first + p * step;
+            if (i < k) pre[p] = __ldg((const uint4*)(wr + i));
+        }
+    }
+    pdl_wait();
+
     float acc[R];
 #pragma unroll
     for (int r = 0; r < R; r++) acc[r] = 0.f;
-    if (k % V == 0) {
-#pragma unroll 4
-        for (int i = lane * V; i < k; i += 32 * V) {
-            uint4 wv = *(const uint4*)(wr + i);
+    if (live && vec) {
+        auto fma_piece = [&](uint4 wv, int i) {
             const T* wt = (const T*)&wv;
 #pragma unroll
             for (int r = 0; r < R; r++) {
                 uint4 xv = *(const uint4*)(x + (size_t)r * k + i);
                 const T* xt = (const T*)&xv;
 #pragma unroll
-                for (int e = 0; e < V; e++) acc[r] += S::load(wt[e]) * S::load(xt[e]);
+                for (int q = 0; q < V; q++) acc[r] += S::load(wt[q]) * S::load(xt[q]);
             }
+        };
+#pragma unroll
+        for (int p = 0; p < PRE; p++) {
+            int i = first + p * step;
+            if (i < k) fma_piece(pre[p], i);
         }
-    } else {
-        for (int i = lane; i < k; i += 32) {
+#pragma unroll 4
+        for (int i = first + PRE * step; i < k; i += step) fma_piece(__ldg((const uint4*)(wr + i)), i);
+    } else if (live) {
+        for (int i = slice * 32 + lane; i < k; i += wpr * 32) {
             float wf = S::load(wr[i]);
 #pragma unroll
             for (int r = 0; r < R; r++) acc[r] += wf * S::load(x[(size_t)r * k + i]);
         }
     }
 #pragma unroll
-    for (int r = 0; r < R; r++) {
-        float v = acc[r];
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
-        if (lane == 0) {
-            if (act_out) {
-                act_out[(size_t)r * n + j] = S::store(activate(v + bias[j], act));
-            } else {
-                out[(size_t)r * n + j] = v;
-            }
+    for (int r = 0; r < R; r++)
+        for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(FULL_MASK, acc[r], o);
+
+    bool picking = e.mode == EPI_PLAIN && e.first_pick < R;
+    if (picking && tid < 8 * R) fin[tid / R][tid % R] = NEG_INF;
+    // Row r of x for weight row j is done: its epilogue, or its candidate for the pick.
+    auto finish = [&](int r, float v) {
+        if (picking && r >= e.first_pick) {
+            fin[warp / wpr][r] = v;
+        } else {
+            epilogue<S>(e, v, r, j, n);
         }
+    };
+    if (wpr == 1) {
+        if (picking) __syncthreads();  // fin is initialized
+        if (live && lane == 0) {
+#pragma unroll
+            for (int r = 0; r < R; r++) finish(r, acc[r]);
+        }
+    } else {
+        if (lane == 0) {
+#pragma unroll
+            for (int r = 0; r < R; r++) red[warp * R + r] = acc[r];
+        }
+        __syncthreads();
+        if (live && slice == 0 && lane < R) {
+            float v = 0.f;
+            for (int s2 = 0; s2 < wpr; s2++) v += red[(warp + s2) * R + lane];
+            finish(lane, v);
+        }
+    }
+    if (!picking) return;
+    __syncthreads();
+    // One atomic per picked row and block: the best of its 8 / wpr weight rows.
+    if (tid >= e.first_pick && tid < R) {
+        int r = tid, base = blockIdx.x * (8 / wpr);
+        unsigned long long best = 0;
+        for (int t = 0; t < 8 / wpr && base + t < n; t++) {
+            unsigned long long key = pick_key(fin[t][r], base + t);
+            best = key > best ? key : best;
+        }
+        atomicMax(e.picks + (r - e.first_pick), best);
     }
 }
 
-#define GEMV(S, name, R)                                                                     \
-    extern "C" __global__ void gemv##R##_##name(const S::T* x, const S::T* w, float* out, int n, \
-                                               int k, const float* bias, S::T* act_out,       \
-                                               int act) {                                     \
-        gemv<S, R>(x, w, out, n, k, bias, act_out, act);                                      \
+// The epilogues after a cuBLAS product y[rows, n] (f32), elementwise (longer passes' path).
+template <class S>
+__device__ void epilogue_rows(const float* y, int rows, int n, const Epi<S>& e) {
+    unsigned long long total = (unsigned long long)rows * n;
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < total;
+         i += (unsigned long long)gridDim.x * blockDim.x) {
+        epilogue<S>(e, y[i], (int)(i / n), (int)(i % n), n);
+    }
+}
+
+// The epilogue's parameters, in the order every product kernel takes them.
+#define EPI_PARAMS(S)                                                                         \
+    int mode, float *out, const float *bias, S::T *act_out, int act,                          \
+        const unsigned long long *caches, const int *pos, const int *caps, int c, int layer,  \
+        int n_layer, float scale, int first_pick, unsigned long long *picks
+#define EPI_VALUE(S) \
+    Epi<S> { mode, out, bias, act_out, act, caches, pos, caps, c, layer, n_layer, scale, first_pick, picks }
+
+#define GEMV(S, name, R)                                                                      \
+    extern "C" __global__ void gemv##R##_##name(                                              \
+        const S::T* x, const S::T* w, int n, int k, int wpr, EPI_PARAMS(S)) {                 \
+        gemv<S, R>(x, w, n, k, wpr, EPI_VALUE(S));                                            \
     }
 
 #define INSTANTIATE(S, name)                                                                  \
     extern "C" __global__ void embed_##name(const int* tokens, const int* pos,                \
                                             const S::T* wte, const float* wpe, float* x,      \
-                                            int c) {                                          \
-        embed<S>(tokens, pos, wte, wpe, x, c);                                                \
+                                            int c, unsigned long long* picks, int n_picks) {  \
+        PDL_START();                                                                          \
+        embed<S>(tokens, pos, wte, wpe, x, c, picks, n_picks);                                \
     }                                                                                         \
-    extern "C" __global__ void add_layernorm_##name(float* x, const float* y,                 \
-                                                    const float* y_bias, const int* rows,     \
-                                                    const float* gamma, const float* beta,    \
-                                                    S::T* out, int c, float eps) {            \
-        add_layernorm<S>(x, y, y_bias, rows, gamma, beta, out, c, eps);                       \
-    }                                                                                         \
-    extern "C" __global__ void qkv_store_##name(const float* qkv, const float* bias, float* q, \
-                                                const unsigned long long* caches,             \
-                                                const int* pos, const int* caps, int c,       \
-                                                int layer, int n_layer, float scale) {        \
-        qkv_store<S>(qkv, bias, q, caches, pos, caps, c, layer, n_layer, scale);              \
+    extern "C" __global__ void layernorm_##name(const float* x, const int* rows,              \
+                                                const float* gamma, const float* beta,        \
+                                                S::T* out, int c, float eps) {                \
+        PDL_START();                                                                          \
+        layernorm<S>(x, rows, gamma, beta, out, c, eps);                                      \
     }                                                                                         \
     extern "C" __global__ void attention_##name(const float* q,                               \
                                                 const unsigned long long* caches,             \
                                                 const int* pos, const int* caps, S::T* out,   \
                                                 int c, int n_head, int layer, int n_layer,    \
                                                 int n_ctx) {                                  \
+        PDL_START();                                                                          \
         attention<S>(q, caches, pos, caps, out, c, n_head, layer, n_layer, n_ctx);            \
     }                                                                                         \
-    extern "C" __global__ void bias_act_##name(const float* y, const float* bias, S::T* out,  \
-                                               int n, unsigned long long total, int act) {    \
-        bias_act<S>(y, bias, out, n, total, act);                                             \
+    extern "C" __global__ void argmax_##name(const float* logits, int first, int v,           \
+                                             unsigned long long* picks) {                     \
+        PDL_START();                                                                          \
+        argmax_rows(logits, first, v, picks);                                                 \
+    }                                                                                         \
+    extern "C" __global__ void epilogue_rows_##name(const float* y, int rows, int n,          \
+                                                    EPI_PARAMS(S)) {                          \
+        PDL_START();                                                                          \
+        epilogue_rows<S>(y, rows, n, EPI_VALUE(S));                                           \
     }
 
 INSTANTIATE(F32, f32)

@@ -300,3 +300,97 @@ fn relative_error(want: &[f32], got: &[f32]) -> f64 {
         .fold(0f64, |m, (a, b)| m.max((a - b).abs() as f64));
     diff / scale
 }
+
+#[test]
+fn decode_batches_of_every_gemv_size_and_picks_made_on_the_gpu() {
+    // gpt2-xl's width (1600 wide, 25 heads, 6400 inner) in two layers: decode batches of 1 to
+    // 9 sequences (every matrix-vector kernel with its fused norm and epilogues, then cuBLAS)
+    // after prompts of awkward lengths, half the rows picked on the GPU, half returning logits;
+    // in f32 (against the CPU engine's logits and argmax) and f16 (logits against the CPU's,
+    // picks against the argmax of the GPU's own logits for a fork of the same sequence).
+    let mut xl = Gpt2Config::preset("gpt2-xl").unwrap();
+    xl.n_layer = 2;
+    for (dtype, bound) in [(DType::F32, 1e-4), (DType::F16, 5e-3)] {
+        let w = ModelWeights::synthetic_as(&xl, 11, WeightFormat::new(dtype));
+        let Some(mut g) = gpu(&w) else { return };
+        drop(w);
+        let mut c = CpuEngine::new(ModelWeights::synthetic(&xl, 11));
+        let worst = decode_batches(&mut c, &mut g, dtype == DType::F32);
+        eprintln!("{dtype} decode batches 1-9 at width 1600: worst relative error {worst:.2e}");
+        assert!(worst < bound, "{dtype}: worst relative error {worst:e}");
+    }
+}
+
+fn decode_batches(c: &mut dyn Engine, g: &mut dyn Engine, exact: bool) -> f64 {
+    let vocab = c.config().vocab_size;
+    let mut worst = 0f64;
+    for rows in 1..=9usize {
+        let prompts: Vec<Vec<u32>> = (0..rows)
+            .map(|i| tokens(1 + 7 * i % 23, vocab, (rows * 10 + i) as u64))
+            .collect();
+        let (cs, gs): (Vec<_>, Vec<_>) = prompts
+            .iter()
+            .map(|_| (c.add_sequence(), g.add_sequence()))
+            .unzip();
+        let prefill = |seqs: &[gpt2rs::engine::SeqId]| -> Vec<BatchEntry<'_>> {
+            prompts
+                .iter()
+                .zip(seqs)
+                .map(|(p, &seq)| BatchEntry {
+                    seq,
+                    tokens: p,
+                    logits: LogitsFor::Nothing,
+                })
+                .collect()
+        };
+        c.forward(&prefill(&cs)).unwrap();
+        g.forward(&prefill(&gs)).unwrap();
+        for step in 0..3u64 {
+            let next = tokens(rows, vocab, 1000 + step);
+            let kind = |i: usize| {
+                if (i + step as usize).is_multiple_of(2) {
+                    LogitsFor::Pick
+                } else {
+                    LogitsFor::Last
+                }
+            };
+            let batch = |seqs: &[gpt2rs::engine::SeqId], mixed: bool| -> Vec<BatchEntry<'_>> {
+                (0..rows)
+                    .map(|i| BatchEntry {
+                        seq: seqs[i],
+                        tokens: &next[i..=i],
+                        logits: if mixed { kind(i) } else { LogitsFor::Last },
+                    })
+                    .collect()
+            };
+            let forks: Vec<_> = gs.iter().map(|&s| g.fork_sequence(s).unwrap()).collect();
+            let own = g.forward(&batch(&forks, false)).unwrap();
+            for f in forks {
+                g.remove_sequence(f);
+            }
+            let want = c.forward(&batch(&cs, false)).unwrap();
+            let got = g.forward(&batch(&gs, true)).unwrap();
+            for i in 0..rows {
+                let cpu_top = gpt2rs::generate::sampling::argmax(want.last(i).unwrap());
+                let own_top = gpt2rs::generate::sampling::argmax(own.last(i).unwrap());
+                let expected = if exact { cpu_top } else { own_top };
+                if kind(i) == LogitsFor::Pick {
+                    assert!(got.last(i).is_none(), "a picked row brought logits back");
+                } else {
+                    let row = got.last(i).unwrap();
+                    worst = worst.max(relative_error(want.last(i).unwrap(), row));
+                }
+                assert_eq!(
+                    got.pick(i),
+                    Some(expected),
+                    "batch {rows}, row {i}, step {step}"
+                );
+            }
+        }
+        for (a, b) in cs.into_iter().zip(gs) {
+            c.remove_sequence(a);
+            g.remove_sequence(b);
+        }
+    }
+    worst
+}

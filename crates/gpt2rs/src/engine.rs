@@ -20,6 +20,11 @@ pub enum LogitsFor {
     Last,
     /// Every new token's (what scoring needs).
     All,
+    /// Only the most likely token after the last new one (greedy decoding that reads nothing
+    /// else of the logits): an engine on a device picks it there and brings back one id
+    /// instead of a vocabulary of floats; others may return the last row and let
+    /// [`Logits::pick`] find it.
+    Pick,
 }
 
 /// One entry of a ragged batch.
@@ -37,6 +42,9 @@ pub struct Logits {
     data: Vec<f32>,
     /// For each batch entry, the range of rows that belong to it.
     rows: Vec<std::ops::Range<usize>>,
+    /// For each batch entry, the token the engine picked for it (entries that asked for
+    /// [`LogitsFor::Pick`] from an engine that picks itself).
+    picks: Vec<Option<u32>>,
 }
 
 impl Logits {
@@ -49,7 +57,26 @@ impl Logits {
             start += n;
         }
         debug_assert_eq!(start * vocab, data.len());
-        Self { vocab, data, rows }
+        let picks = vec![None; rows.len()];
+        Self {
+            vocab,
+            data,
+            rows,
+            picks,
+        }
+    }
+
+    /// Adds, per entry, the token an engine picked itself (`None` where it did not).
+    pub fn with_picks(mut self, picks: Vec<Option<u32>>) -> Self {
+        debug_assert_eq!(picks.len(), self.rows.len());
+        self.picks = picks;
+        self
+    }
+
+    /// The most likely token after entry `entry`'s last row: the engine's own pick, or the
+    /// first largest logit of that row (as greedy sampling picks); `None` if it has neither.
+    pub fn pick(&self, entry: usize) -> Option<u32> {
+        self.picks[entry].or_else(|| self.last(entry).map(crate::generate::sampling::argmax))
     }
 
     /// The rows of batch entry `entry` (empty if it asked for nothing).
@@ -87,4 +114,21 @@ pub trait Engine {
     /// Appends each entry's tokens to its sequence and returns the logits asked for.
     /// Fails (and changes nothing) if a sequence would exceed the context length.
     fn forward(&mut self, batch: &[BatchEntry<'_>]) -> Result<Logits>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pick_is_the_engines_own_or_the_first_largest_logit_of_the_last_row() {
+        // Entry 0: two rows (the last one has a tie at 1 and 3); entry 1: none; entry 2: none,
+        // but the engine picked 7.
+        let data = vec![0.0, 9.0, 0.0, 0.0, 0.5, 2.0, 1.0, 2.0];
+        let l = Logits::new(4, data, &[2, 0, 0]).with_picks(vec![None, None, Some(7)]);
+        assert_eq!(l.pick(0), Some(1));
+        assert_eq!(l.pick(1), None);
+        assert_eq!(l.pick(2), Some(7));
+        assert!(l.last(2).is_none());
+    }
 }

@@ -325,8 +325,11 @@ impl Scheduler {
                         report.events.push((a.id, Event::PromptLogprobs(lps)));
                     }
                     if done {
-                        let last = rows.last().map(<[f32]>::to_vec);
-                        self.start_samples(engine, tokenizer, active, last, &mut report);
+                        let next = match (picks_only(&a.req), rows.last()) {
+                            (false, Some(row)) => Next::Row(row),
+                            _ => Next::Picked(logits.pick(entry).expect("asked for a pick")),
+                        };
+                        self.start_samples(engine, tokenizer, active, next, &mut report);
                     }
                 }
                 Slot::Decode { active, sample } => {
@@ -401,18 +404,19 @@ impl Scheduler {
                     logits: if a.req.prompt_logprobs {
                         LogitsFor::All
                     } else if completes {
-                        LogitsFor::Last
+                        last_logits(&a.req)
                     } else {
                         LogitsFor::Nothing
                     },
                 }
             }
             Slot::Decode { active, sample } => {
-                let s = &self.active[active].samples[sample];
+                let a = &self.active[active];
+                let s = &a.samples[sample];
                 BatchEntry {
                     seq: s.seq,
                     tokens: std::slice::from_ref(s.history.last().expect("has a token")),
-                    logits: LogitsFor::Last,
+                    logits: last_logits(&a.req),
                 }
             }
         }
@@ -425,7 +429,7 @@ impl Scheduler {
         engine: &mut dyn Engine,
         tokenizer: &Tokenizer,
         active: usize,
-        last: Option<Vec<f32>>,
+        next: Next<&[f32]>,
         report: &mut StepReport,
     ) {
         let a = &mut self.active[active];
@@ -450,7 +454,6 @@ impl Scheduler {
                 done: !forked,
             });
         }
-        let row = last.expect("the last prompt row was asked for");
         for si in 0..self.active[active].samples.len() {
             if self.active[active].samples[si].done {
                 continue;
@@ -459,7 +462,7 @@ impl Scheduler {
                 self.finish(engine, active, si, FinishReason::Length, report);
             } else {
                 let a = &mut self.active[active];
-                let draw = draw(&mut a.samples[si], &a.req, &row, &mut self.scratch);
+                let draw = draw(&mut a.samples[si], &a.req, next, &mut self.scratch);
                 self.accept(engine, tokenizer, active, si, draw, report);
             }
         }
@@ -471,11 +474,17 @@ impl Scheduler {
     fn draw_decodes(&mut self, slots: &[Slot], logits: &crate::engine::Logits) -> Vec<Draw> {
         // Decode slots come first, in the order active requests and their live samples are
         // walked here.
-        let rows: Vec<&[f32]> = slots
+        let rows: Vec<Next<&[f32]>> = slots
             .iter()
             .enumerate()
-            .filter(|(_, s)| matches!(s, Slot::Decode { .. }))
-            .map(|(e, _)| logits.last(e).expect("asked for the last logits"))
+            .filter_map(|(e, s)| match *s {
+                Slot::Decode { active, .. } => Some((e, &self.active[active].req)),
+                Slot::Prefill { .. } => None,
+            })
+            .map(|(e, req)| match (picks_only(req), logits.last(e)) {
+                (false, Some(row)) => Next::Row(row),
+                _ => Next::Picked(logits.pick(e).expect("asked for a pick")),
+            })
             .collect();
         let mut work: Vec<(&mut Sample, &Request)> = self
             .active
@@ -492,8 +501,8 @@ impl Scheduler {
         work.par_iter_mut()
             .zip(rows.par_iter())
             .with_min_len(4)
-            .map_init(Vec::new, |scratch, ((s, req), row)| {
-                draw(s, req, row, scratch)
+            .map_init(Vec::new, |scratch, ((s, req), next)| {
+                draw(s, req, *next, scratch)
             })
             .collect()
     }
@@ -574,11 +583,46 @@ struct Draw {
     logprob: Option<TokenLogprob>,
 }
 
-fn draw(s: &mut Sample, req: &Request, row: &[f32], scratch: &mut Vec<f32>) -> Draw {
+fn draw(s: &mut Sample, req: &Request, next: Next<&[f32]>, scratch: &mut Vec<f32>) -> Draw {
+    let row = match next {
+        Next::Row(row) => row,
+        Next::Picked(token) => {
+            return Draw {
+                token,
+                logprob: None,
+            }
+        }
+    };
     let token = sampling::pick(row, &s.history, &req.sampling, &mut s.rng, scratch);
     Draw {
         token,
         logprob: req.top_logprobs.map(|k| token_logprob(row, token, k)),
+    }
+}
+
+/// What a pass brought back for a sample's next token: its row of logits, or the token the
+/// engine picked.
+#[derive(Clone, Copy)]
+enum Next<R> {
+    Row(R),
+    Picked(u32),
+}
+
+/// Whether a request's draws need nothing but the most likely token: greedy, no repetition
+/// penalty, no log-probabilities. Its rows then ask for [`LogitsFor::Pick`], so an engine on
+/// a device brings back one id per row instead of the whole vocabulary's logits.
+fn picks_only(req: &Request) -> bool {
+    req.sampling.temperature.is_none()
+        && req.sampling.repetition_penalty == 1.0
+        && req.top_logprobs.is_none()
+}
+
+/// What the row that predicts a request's next token asks for.
+fn last_logits(req: &Request) -> LogitsFor {
+    if picks_only(req) {
+        LogitsFor::Pick
+    } else {
+        LogitsFor::Last
     }
 }
 

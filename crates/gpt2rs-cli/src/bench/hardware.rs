@@ -1,7 +1,68 @@
 //! What machine this is: CPU, memory, GPUs, and the CPU's ceilings measured on it.
 
+use super::backend::Backend;
 use super::types::{Gpu, Hardware};
+use gpt2rs::config::Gpt2Config;
 use gpt2rs::cpu::{roofline, simd};
+use gpt2rs::engine::{BatchEntry, Engine, LogitsFor};
+use gpt2rs::quant::{DType, WeightFormat};
+use gpt2rs::weights::ModelWeights;
+
+/// The machine's drift, measured again and again through the run: on each backend benched, a
+/// reference decode (gpt2's shape in f16, batch 1) kept loaded for the whole sweep, so what
+/// changes between its measurements is the machine (other load, clocks, memory), not the
+/// workload.
+pub struct DriftProbe {
+    engines: Vec<(Backend, Box<dyn Engine>)>,
+}
+
+/// What the drift probe runs, for the report.
+pub const DRIFT_REFERENCE: &str = "gpt2 f16 decode, batch 1, 16 steps";
+
+impl DriftProbe {
+    /// A reference engine on each of `backends` (one that cannot open is left out: its rows
+    /// keep the spread of their own repetitions).
+    pub fn open(backends: &[Backend]) -> Self {
+        let config = Gpt2Config::preset("gpt2").expect("a preset");
+        let format = WeightFormat::new(DType::F16);
+        let engines = backends
+            .iter()
+            .filter_map(|&b| {
+                let weights = ModelWeights::synthetic_as(&config, 1, format);
+                let e = crate::device::open_engine(weights, &super::backend::label(b)).ok()?;
+                Some((b, e))
+            })
+            .collect();
+        Self { engines }
+    }
+
+    /// Decode tokens per second on `backend` now (a tenth of a second on a laptop-class CPU).
+    pub fn tok_s(&mut self, backend: Backend) -> Option<f64> {
+        let e = &mut self.engines.iter_mut().find(|(b, _)| *b == backend)?.1;
+        let seq = e.add_sequence();
+        let mut step = |t: &[u32]| {
+            e.forward(&[BatchEntry {
+                seq,
+                tokens: t,
+                logits: LogitsFor::Pick,
+            }])
+            .map(|_| ())
+        };
+        let prompt: Vec<u32> = (0..8).map(|i| 1000 + 17 * i).collect();
+        let mut ok = step(&prompt).is_ok();
+        let start = std::time::Instant::now();
+        for t in 0..16u32 {
+            ok &= step(&[3000 + t]).is_ok();
+        }
+        let secs = start.elapsed().as_secs_f64();
+        e.remove_sequence(seq);
+        ok.then(|| 16.0 / secs)
+    }
+
+    pub fn backends(&self) -> impl Iterator<Item = Backend> + '_ {
+        self.engines.iter().map(|(b, _)| *b)
+    }
+}
 
 /// Detects the machine and measures the CPU's ceilings (a few seconds); `gpus` were found
 /// beforehand (their ceilings are measured apart, for the GPUs benched).
@@ -21,6 +82,7 @@ pub fn probe(gpus: Vec<Gpu>) -> Hardware {
         mem_read_gbs: bandwidth / 1e9,
         f32_fma_peak_gflops: roofline::fma_peak(3) / 1e9,
         f32_gemm_gflops: roofline::gemm_rate(1024, 3) / 1e9,
+        drift: Vec::new(),
     }
 }
 

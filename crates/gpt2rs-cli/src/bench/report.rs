@@ -388,6 +388,21 @@ fn info_lines(r: &Report) -> Vec<(&'static str, String)> {
             num(hw.f32_gemm_gflops)
         ),
     ));
+    for d in hw.drift.iter().filter(|d| d.tok_s.len() >= 2) {
+        let st = Stat::of(&d.tok_s);
+        v.push((
+            "drift",
+            format!(
+                "{} {}: {}-{} tok/s over {} checks during the run (± {}); every ± of its rows is at least this",
+                d.backend,
+                d.reference,
+                num(st.min),
+                num(st.max),
+                st.n,
+                percent(d.fraction())
+            ),
+        ));
+    }
     let engines = compare_engines(r);
     if !engines.is_empty() {
         v.push(("compared with", engines.join("; ")));
@@ -523,7 +538,7 @@ fn csv_field(s: &str) -> String {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::bench::types::{Comparison, Gpu, GpuCeilings, Hardware, Header};
+    use crate::bench::types::{Comparison, Drift, Gpu, GpuCeilings, Hardware, Header};
 
     /// A small report: a measured row with a comparison, a synthetic one, a skipped one.
     pub(crate) fn sample() -> Report {
@@ -627,6 +642,11 @@ pub(crate) mod tests {
                 mem_read_gbs: 12.5,
                 f32_fma_peak_gflops: 150.0,
                 f32_gemm_gflops: 110.0,
+                drift: vec![Drift {
+                    backend: "cpu".into(),
+                    reference: "gpt2 f16 decode".into(),
+                    tok_s: vec![120.0, 124.0, 130.0],
+                }],
             },
             rows: vec![first, second, skipped, on_gpu],
             notes: vec!["synthetic = random weights of the exact shape".into()],
@@ -742,5 +762,28 @@ pub(crate) mod tests {
         let pipes = |l: &str| l.matches('|').count();
         assert!(rows.iter().all(|l| pipes(l) == pipes(rows[0])), "{m}");
         assert!(m.contains("| skipped: int4 is not implemented yet |"));
+    }
+
+    #[test]
+    fn the_printed_spread_is_at_least_the_machines_drift() {
+        let mut r = sample();
+        let tight = Stat::of(&[99.0, 100.0, 101.0]);
+        assert!((tight.spread() - 0.01).abs() < 1e-12);
+        let mut widened = tight;
+        widened.drift = 0.04;
+        assert!((widened.spread() - 0.04).abs() < 1e-12);
+        r.rows[0].decode_tok_s = Some(widened);
+        let t = table(&r);
+        assert!(t.contains("100 ± 4.0%"), "{t}");
+        // 120-130 tok/s around a median of 124: ± 4.0%.
+        assert!(
+            t.contains("cpu gpt2 f16 decode: 120-130 tok/s over 3 checks"),
+            "{t}"
+        );
+        assert!(t.contains("(± 4.0%)"), "{t}");
+        // A wide spread of its own stays as it is.
+        let mut wide = Stat::of(&[90.0, 100.0, 110.0]);
+        wide.drift = 0.04;
+        assert!((wide.spread() - 0.1).abs() < 1e-12);
     }
 }

@@ -5,7 +5,8 @@
 use super::backend::{self, Backend, Ceiling};
 use super::compare::Transformers;
 use super::gpu::{self, MemoryWatch};
-use super::types::{Hardware, Row, Stat};
+use super::hardware;
+use super::types::{Drift, Hardware, Row, Stat};
 use gpt2rs::config::Gpt2Config;
 use gpt2rs::engine::{BatchEntry, Engine, Logits, SeqId};
 use gpt2rs::generate::{generate, GenerationConfig};
@@ -40,8 +41,9 @@ pub struct BenchModel {
 }
 
 /// Runs the plan on every backend: one row per configuration, measured or skipped with the
-/// reason.
-pub fn run(plan: &Plan, hw: &Hardware, backends: &[Backend]) -> Vec<Row> {
+/// reason; with each backend's drift over the run (a reference decode on it, measured before
+/// each of its groups and at the end), which the spreads of its rows are widened to.
+pub fn run(plan: &Plan, hw: &Hardware, backends: &[Backend]) -> (Vec<Row>, Vec<Drift>) {
     let mut rows = Vec::new();
     let theirs = plan.compare.as_ref();
     let total = backends.len()
@@ -54,6 +56,14 @@ pub fn run(plan: &Plan, hw: &Hardware, backends: &[Backend]) -> Vec<Row> {
         ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}] {msg}")
             .expect("valid template"),
     );
+    bar.set_message("loading the drift probes");
+    let mut probe = hardware::DriftProbe::open(backends);
+    let mut seen: Vec<(Backend, Vec<f64>)> = probe.backends().map(|b| (b, vec![])).collect();
+    let mut check = |b: Backend, probe: &mut hardware::DriftProbe| {
+        if let (Some(v), Some((_, list))) = (probe.tok_s(b), seen.iter_mut().find(|s| s.0 == b)) {
+            list.push(v);
+        }
+    };
     for &b in backends {
         for m in &plan.models {
             for &dtype in &plan.dtypes {
@@ -64,12 +74,46 @@ pub fn run(plan: &Plan, hw: &Hardware, backends: &[Backend]) -> Vec<Row> {
                     model: m,
                     dtype,
                 };
+                bar.set_message("re-measuring the reference decode (drift)");
+                check(b, &mut probe);
                 group.run(theirs, &bar, &mut rows);
             }
         }
     }
+    for &b in backends {
+        check(b, &mut probe);
+    }
     bar.finish_and_clear();
-    rows
+    let drift: Vec<Drift> = seen
+        .into_iter()
+        .map(|(b, tok_s)| Drift {
+            backend: backend::label(b),
+            reference: hardware::DRIFT_REFERENCE.into(),
+            tok_s,
+        })
+        .collect();
+    for d in &drift {
+        let mine = rows.iter_mut().filter(|r| r.backend == d.backend);
+        widen(mine, d.fraction());
+    }
+    (rows, drift)
+}
+
+/// Widens every measured spread of `rows` to at least `drift`.
+fn widen<'a>(rows: impl Iterator<Item = &'a mut Row>, drift: f64) {
+    for r in rows {
+        for s in [
+            &mut r.prefill_tok_s,
+            &mut r.ttft_ms,
+            &mut r.decode_tok_s,
+            &mut r.decode_ms_per_step,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            s.drift = drift;
+        }
+    }
 }
 
 /// Every batch × prompt-length row of one model in one precision on one backend (loaded once

@@ -11,6 +11,9 @@ pub struct Stat {
     pub max: f64,
     /// Number of measurements.
     pub n: usize,
+    /// The machine's own drift over the run (a fraction, see [`Drift`]): the printed spread is
+    /// never less, because repetitions taken back to back cannot show what changes over minutes.
+    pub drift: f64,
 }
 
 impl Stat {
@@ -29,16 +32,51 @@ impl Stat {
             min: v[0],
             max: v[n - 1],
             n,
+            drift: 0.0,
         }
     }
 
-    /// Half the range, as a fraction of the median (the "±" printed next to it).
-    pub fn spread(&self) -> f64 {
+    /// Half the range, as a fraction of the median.
+    pub fn half_range(&self) -> f64 {
         if self.median == 0.0 {
             0.0
         } else {
             (self.max - self.min) / 2.0 / self.median
         }
+    }
+
+    /// The "±" printed next to the median, as a fraction: half the range of the repetitions,
+    /// or the machine's drift over the run when that is larger.
+    pub fn spread(&self) -> f64 {
+        self.half_range().max(self.drift)
+    }
+}
+
+/// How much one backend of the machine moved while the run went on: a reference workload on
+/// it, kept loaded, measured again before each of its model × precision groups and at the end.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Drift {
+    /// The backend (`cpu`, `cuda:0`).
+    pub backend: String,
+    /// What the reference is.
+    pub reference: String,
+    /// Its speed at every measurement, tok/s, in the order taken.
+    pub tok_s: Vec<f64>,
+}
+
+impl Drift {
+    /// Half the range of the measurements as a fraction of their median (0 with fewer than two).
+    pub fn fraction(&self) -> f64 {
+        let v: Vec<f64> = self
+            .tok_s
+            .iter()
+            .copied()
+            .filter(|x| x.is_finite())
+            .collect();
+        if v.len() < 2 {
+            return 0.0;
+        }
+        Stat::of(&v).half_range()
     }
 }
 
@@ -109,6 +147,8 @@ pub struct Hardware {
     pub f32_fma_peak_gflops: f64,
     /// f32 matrix-multiply throughput the engine's GEMM reaches (1024³), GFLOP/s.
     pub f32_gemm_gflops: f64,
+    /// Each backend's drift over the run (filled in when the sweep ends).
+    pub drift: Vec<Drift>,
 }
 
 /// The same configuration run through another engine.
