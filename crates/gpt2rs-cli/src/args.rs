@@ -240,7 +240,7 @@ pub struct ServeArgs {
     pub max_batch: Option<usize>,
     /// Tokens per engine step, the running sequences' next tokens included; the rest goes to
     /// newcomers' prompts. Bounds each step's cost, so it bounds inter-token latency
-    /// (default: 14 on the CPU, 512 on a GPU).
+    /// (default: 14 on the CPU, 128 on a GPU).
     #[arg(long)]
     pub max_step_tokens: Option<usize>,
     /// Requests waiting for a place in the batch before new ones get 429 (with Retry-After).

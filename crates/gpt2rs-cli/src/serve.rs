@@ -46,7 +46,9 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     // near the batch-1 step; a GPU reads its weights once for many rows almost for free.
     let on_gpu = devices.iter().any(|d| d.starts_with("cuda"));
     let max_batch = a.max_batch.unwrap_or(if on_gpu { 64 } else { 10 });
-    let max_step_tokens = a.max_step_tokens.unwrap_or(if on_gpu { 512 } else { 14 });
+    // On the H200, 128 tokens a step gave 15x one-at-a-time throughput under 64 clients and a
+    // p99 inter-token latency of 5.4 ms; 512 gave 10.6x and 11.7 ms (docs/benchmarks.md).
+    let max_step_tokens = a.max_step_tokens.unwrap_or(if on_gpu { 128 } else { 14 });
     if max_batch == 0 || max_step_tokens == 0 {
         bail!("--max-batch and --max-step-tokens must be at least 1");
     }

@@ -17,7 +17,7 @@ use cudarc::driver::sys::{
 };
 use cudarc::driver::{CudaFunction, CudaGraph, CudaSlice, DevicePtr, LaunchConfig};
 use gpt2rs::config::{Activation, Gpt2Config};
-use gpt2rs::engine::{BatchEntry, Engine, Logits, LogitsFor, SeqId};
+use gpt2rs::engine::{BatchEntry, Engine, Logits, LogitsFor, PickRule, SeqId};
 use gpt2rs::memory::Bytes;
 use gpt2rs::quant::DType;
 use gpt2rs::weights::ModelWeights;
@@ -60,9 +60,9 @@ enum Epilogue {
 
 impl Epilogue {
     /// The kernels' arguments for it (`EPI_PARAMS` of kernels.cu): mode, out, bias, act_out,
-    /// act, the KV target's caches, pos, caps, c, layer, n_layer, scale, then first_pick and
-    /// picks. `fused`: in a matrix-vector kernel (the only ones that pick).
-    fn args(self, p: &Pass, c: usize, n_layer: usize, fused: bool) -> [Arg; 14] {
+    /// act, the KV target's caches, pos, caps, c, layer, n_layer, scale, then first_pick,
+    /// picks, pick_inv_t and pick_seeds. `fused`: in a matrix-vector kernel (the only ones that pick).
+    fn args(self, p: &Pass, c: usize, n_layer: usize, fused: bool) -> [Arg; 16] {
         let none = i32::MAX;
         let (mode, out, bias, act_out, act, layer, scale, first_pick) = match self {
             Self::Plain { out, first_pick } if fused => {
@@ -93,6 +93,8 @@ impl Epilogue {
             Arg::Float(scale),
             Arg::Int(first_pick),
             Arg::Ptr(p.ids),
+            Arg::Ptr(p.pick_inv_t),
+            Arg::Ptr(p.pick_seeds),
         ]
     }
 }
@@ -120,6 +122,9 @@ struct Pass {
     /// The last `picks` of them are reduced to their argmax on the GPU (into `ids`).
     picks: usize,
     ids: u64,
+    /// Per picked row: 1 / temperature (0 for greedy, f32) and the noise seed (u64).
+    pick_inv_t: u64,
+    pick_seeds: u64,
     tokens: u64,
     pos: u64,
     caches: u64,
@@ -270,7 +275,7 @@ impl CudaEngine {
         Ok(MemoryNeeded {
             weights: DeviceModel::bytes_for(config, !config.tie_word_embeddings, p),
             kv_cache: sequences as u64 * cache_bytes(config, p),
-            scratch: (cap * per_row + cap * 20 + logits) as u64 + CUBLAS_WORKSPACE as u64,
+            scratch: (cap * per_row + cap * 36 + logits) as u64 + CUBLAS_WORKSPACE as u64,
         })
     }
 
@@ -468,6 +473,8 @@ impl CudaEngine {
                 Arg::Int(first_pick as i32),
                 Arg::Int(self.config.vocab_size as i32),
                 Arg::Ptr(p.ids),
+                Arg::Ptr(p.pick_inv_t),
+                Arg::Ptr(p.pick_seeds),
             ],
         )
     }
@@ -821,6 +828,60 @@ impl Engine for CudaEngine {
         self.seqs.get(&seq).map(|s| s.len)
     }
 
+    /// Grows the scratch buffers for the longest pass and the most rows of logits first
+    /// (growing them later would drop every graph), then captures the decode graph of every
+    /// batch size up to `max_batch`, each row picking its token on the GPU (what plain
+    /// sampling and greedy requests run).
+    fn warm_up(&mut self, max_batch: usize, max_step_tokens: usize) -> Result<()> {
+        let n_pos = self.config.n_positions;
+        let max_batch = max_batch.clamp(1, MAX_GRAPH_ROWS);
+        let longest = max_step_tokens.max(max_batch);
+        let tokens = vec![0u32; longest];
+        let seqs: Vec<SeqId> = (0..longest.div_ceil(n_pos))
+            .map(|_| self.add_sequence())
+            .collect();
+        let result = (|| -> Result<()> {
+            let chunks: Vec<BatchEntry> = tokens
+                .chunks(n_pos)
+                .zip(&seqs)
+                .map(|(t, &seq)| BatchEntry {
+                    seq,
+                    tokens: t,
+                    logits: LogitsFor::Nothing,
+                })
+                .collect();
+            self.forward(&chunks)?;
+            for &s in &seqs {
+                self.remove_sequence(s);
+            }
+            let fresh: Vec<SeqId> = (0..max_batch).map(|_| self.add_sequence()).collect();
+            let rows = |n: usize, logits: LogitsFor| -> Vec<BatchEntry> {
+                fresh[..n]
+                    .iter()
+                    .map(|&seq| BatchEntry {
+                        seq,
+                        tokens: &tokens[..1],
+                        logits,
+                    })
+                    .collect()
+            };
+            // Logits (and pick keys) for max_batch rows, then a graph per batch size.
+            self.forward(&rows(max_batch, LogitsFor::Last))?;
+            let pick = LogitsFor::Pick(PickRule::Greedy);
+            for n in 1..=max_batch.min(n_pos - 1) {
+                self.forward(&rows(n, pick))?;
+            }
+            for s in fresh {
+                self.remove_sequence(s);
+            }
+            Ok(())
+        })();
+        for s in seqs {
+            self.remove_sequence(s);
+        }
+        result
+    }
+
     fn forward(&mut self, batch: &[BatchEntry<'_>]) -> Result<Logits> {
         self.prepare(batch)?;
         let cfg = self.config.clone();
@@ -850,8 +911,8 @@ impl Engine for CudaEngine {
                 LogitsFor::Nothing => first..first,
                 LogitsFor::Last => first + n - 1..first + n,
                 LogitsFor::All => first..first + n,
-                LogitsFor::Pick => {
-                    picked.push((entry, first + n - 1));
+                LogitsFor::Pick(rule) => {
+                    picked.push((entry, first + n - 1, rule));
                     first..first
                 }
             };
@@ -859,7 +920,18 @@ impl Engine for CudaEngine {
             wanted.extend(range);
         }
         let full = wanted.len();
-        wanted.extend(picked.iter().map(|&(_, row)| row));
+        wanted.extend(picked.iter().map(|&(_, row, _)| row));
+        // Per picked row: 1 / temperature (0: greedy) and the noise seed (see PickRule).
+        let (pick_inv_t, pick_seeds): (Vec<f32>, Vec<u64>) = picked
+            .iter()
+            .map(|&(_, _, rule)| match rule {
+                PickRule::Greedy => (0.0, 0),
+                PickRule::Sample {
+                    temperature,
+                    noise_seed,
+                } => (1.0 / temperature, noise_seed),
+            })
+            .unzip();
         let rows = tokens.len();
         if rows == 0 {
             return Ok(Logits::new(v, vec![], &per_entry));
@@ -868,16 +940,19 @@ impl Engine for CudaEngine {
         // (and the CUDA graphs that point into them) from step to step.
         let cap = rows.next_power_of_two().max(64);
         let wcap = wanted.len().next_power_of_two();
-        // The per-row inputs in one copy: caches (u64), then tokens, positions, wanted rows and
-        // cache capacities (i32).
-        let mut packed = vec![0u8; cap * 24];
-        let (ptrs, ints) = packed.split_at_mut(cap * 8);
-        for (dst, p) in ptrs.chunks_exact_mut(8).zip(&caches) {
-            dst.copy_from_slice(&p.to_ne_bytes());
+        // The per-row inputs in one copy: caches and pick seeds (u64), then tokens, positions,
+        // wanted rows, cache capacities (i32) and picks' 1 / temperature (f32).
+        let mut packed = vec![0u8; cap * 36];
+        let (longs, ints) = packed.split_at_mut(cap * 16);
+        for (part, values) in longs.chunks_exact_mut(cap * 8).zip([&caches, &pick_seeds]) {
+            for (dst, v) in part.chunks_exact_mut(8).zip(values) {
+                dst.copy_from_slice(&v.to_ne_bytes());
+            }
         }
-        for (part, values) in ints
-            .chunks_exact_mut(cap * 4)
-            .zip([&tokens, &pos, &wanted, &caps])
+        let inv_t_bits: Vec<i32> = pick_inv_t.iter().map(|v| v.to_bits() as i32).collect();
+        for (part, values) in
+            ints.chunks_exact_mut(cap * 4)
+                .zip([&tokens, &pos, &wanted, &caps, &inv_t_bits])
         {
             for (dst, v) in part.chunks_exact_mut(4).zip(values) {
                 dst.copy_from_slice(&v.to_ne_bytes());
@@ -889,11 +964,13 @@ impl Engine for CudaEngine {
             wanted: wanted.len(),
             picks: picked.len(),
             ids: self.scratch("ids", wcap * 8)?,
-            tokens: meta + (cap * 8) as u64,
-            pos: meta + (cap * 12) as u64,
             caches: meta,
-            wanted_rows: meta + (cap * 16) as u64,
-            caps: meta + (cap * 20) as u64,
+            pick_seeds: meta + (cap * 8) as u64,
+            tokens: meta + (cap * 16) as u64,
+            pos: meta + (cap * 20) as u64,
+            wanted_rows: meta + (cap * 24) as u64,
+            caps: meta + (cap * 28) as u64,
+            pick_inv_t: meta + (cap * 32) as u64,
             x: self.scratch("x", cap * c * 4)?,
             h: self.scratch("h", cap * c * es)?,
             q: self.scratch("q", cap * c * 4)?,
@@ -926,7 +1003,7 @@ impl Engine for CudaEngine {
                 .stream
                 .memcpy_dtoh(&buf.slice(..keys.len() * 8), key_bytes(&mut keys))
                 .map_err(device_err("copying picked tokens from the GPU"))?;
-            for (&(entry, _), &key) in picked.iter().zip(&keys) {
+            for (&(entry, _, _), &key) in picked.iter().zip(&keys) {
                 // The low half holds the token's bits inverted (see pick_key in kernels.cu).
                 picks[entry] = Some(!(key as u32));
             }

@@ -34,6 +34,25 @@ __device__ __forceinline__ unsigned long long pick_key(float v, int j) {
     return ((unsigned long long)u << 32) | (unsigned int)(~j);
 }
 
+// Uniform noise in (0, 1) for `token` under `seed`: splitmix64, 24 bits (gpt2rs::engine::
+// pick_noise does the same integer steps).
+__device__ __forceinline__ float pick_noise(unsigned long long seed, int token) {
+    unsigned long long z = seed + (unsigned long long)(token + 1) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    return ((float)(z >> 40) + 0.5f) * (1.f / 16777216.f);
+}
+
+// What picked row b ranks token j by: its logit v (greedy, inv_t[b] = 0), or the Gumbel-max
+// draw v · inv_t[b] + gumbel(noise), a sample from softmax(v / temperature).
+__device__ __forceinline__ float pick_score(float v, int b, int j, const float* inv_t,
+                                            const unsigned long long* seeds) {
+    float it = inv_t[b];
+    if (it == 0.f) return v;
+    return v * it - logf(-logf(pick_noise(seeds[b], j)));
+}
+
 struct F32 {
     typedef float T;
     static __device__ __forceinline__ float load(T v) { return v; }
@@ -218,10 +237,11 @@ __device__ void attention(const float* q, const unsigned long long* caches, cons
     }
 }
 
-// picks[b] = pick_key of the largest value in row first + b of logits ([*, v] f32) and its
-// first index, as greedy sampling on the host picks (NaN never wins); one block per row.
+// picks[b] = pick_key of the best pick_score in row first + b of logits ([*, v] f32) and its
+// first index, as the host picks (NaN never wins); one block per row.
 __device__ void argmax_rows(const float* __restrict__ logits, int first, int v,
-                            unsigned long long* picks) {
+                            unsigned long long* picks, const float* inv_t,
+                            const unsigned long long* seeds) {
     __shared__ float best_v[32];
     __shared__ int best_i[32];
     const float* row = logits + (size_t)(first + blockIdx.x) * v;
@@ -229,7 +249,7 @@ __device__ void argmax_rows(const float* __restrict__ logits, int first, int v,
     int bi = 0x7fffffff;
     // Each thread walks its indices upwards, so a strict > keeps its first largest.
     for (int i = threadIdx.x; i < v; i += blockDim.x) {
-        float x = row[i];
+        float x = pick_score(row[i], blockIdx.x, i, inv_t, seeds);
         if (x > best) {
             best = x;
             bi = i;
@@ -301,6 +321,8 @@ struct Epi {
     float scale;
     int first_pick;
     unsigned long long* picks;
+    const float* pick_inv_t;
+    const unsigned long long* pick_seeds;
 };
 
 template <class S>
@@ -397,7 +419,7 @@ __device__ void gemv(const typename S::T* __restrict__ x, const typename S::T* _
     // Row r of x for weight row j is done: its epilogue, or its candidate for the pick.
     auto finish = [&](int r, float v) {
         if (picking && r >= e.first_pick) {
-            fin[warp / wpr][r] = v;
+            fin[warp / wpr][r] = pick_score(v, r - e.first_pick, j, e.pick_inv_t, e.pick_seeds);
         } else {
             epilogue<S>(e, v, r, j, n);
         }
@@ -448,9 +470,13 @@ __device__ void epilogue_rows(const float* y, int rows, int n, const Epi<S>& e) 
 #define EPI_PARAMS(S)                                                                         \
     int mode, float *out, const float *bias, S::T *act_out, int act,                          \
         const unsigned long long *caches, const int *pos, const int *caps, int c, int layer,  \
-        int n_layer, float scale, int first_pick, unsigned long long *picks
-#define EPI_VALUE(S) \
-    Epi<S> { mode, out, bias, act_out, act, caches, pos, caps, c, layer, n_layer, scale, first_pick, picks }
+        int n_layer, float scale, int first_pick, unsigned long long *picks,                  \
+        const float *pick_inv_t, const unsigned long long *pick_seeds
+#define EPI_VALUE(S)                                                                              \
+    Epi<S> {                                                                                      \
+        mode, out, bias, act_out, act, caches, pos, caps, c, layer, n_layer, scale, first_pick,   \
+            picks, pick_inv_t, pick_seeds                                                         \
+    }
 
 #define GEMV(S, name, R)                                                                      \
     extern "C" __global__ void gemv##R##_##name(                                              \
@@ -480,9 +506,10 @@ __device__ void epilogue_rows(const float* y, int rows, int n, const Epi<S>& e) 
         attention<S>(q, caches, pos, caps, out, c, n_head, layer, n_layer, n_ctx);            \
     }                                                                                         \
     extern "C" __global__ void argmax_##name(const float* logits, int first, int v,           \
-                                             unsigned long long* picks) {                     \
+                                             unsigned long long* picks, const float* inv_t,   \
+                                             const unsigned long long* seeds) {               \
         PDL_START();                                                                          \
-        argmax_rows(logits, first, v, picks);                                                 \
+        argmax_rows(logits, first, v, picks, inv_t, seeds);                                   \
     }                                                                                         \
     extern "C" __global__ void epilogue_rows_##name(const float* y, int rows, int n,          \
                                                     EPI_PARAMS(S)) {                          \

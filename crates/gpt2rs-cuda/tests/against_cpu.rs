@@ -9,7 +9,7 @@
 use gpt2rs::checkpoint::Checkpoint;
 use gpt2rs::config::Gpt2Config;
 use gpt2rs::cpu::CpuEngine;
-use gpt2rs::engine::{BatchEntry, Engine, LogitsFor};
+use gpt2rs::engine::{BatchEntry, Engine, LogitsFor, PickRule};
 use gpt2rs::generate::{generate, GenerationConfig};
 use gpt2rs::quant::{DType, WeightFormat};
 use gpt2rs::score::kl_divergence;
@@ -305,9 +305,10 @@ fn relative_error(want: &[f32], got: &[f32]) -> f64 {
 fn decode_batches_of_every_gemv_size_and_picks_made_on_the_gpu() {
     // gpt2-xl's width (1600 wide, 25 heads, 6400 inner) in two layers: decode batches of 1 to
     // 9 sequences (every matrix-vector kernel with its fused norm and epilogues, then cuBLAS)
-    // after prompts of awkward lengths, half the rows picked on the GPU, half returning logits;
-    // in f32 (against the CPU engine's logits and argmax) and f16 (logits against the CPU's,
-    // picks against the argmax of the GPU's own logits for a fork of the same sequence).
+    // after prompts of awkward lengths, rows picked on the GPU (greedy, or sampled by the
+    // Gumbel-max rule) beside rows returning logits; in f32 (against the CPU engine's logits
+    // and PickRule::apply on them) and f16 (logits against the CPU's, picks against the rule
+    // applied to the GPU's own logits for a fork of the same sequence).
     let mut xl = Gpt2Config::preset("gpt2-xl").unwrap();
     xl.n_layer = 2;
     for (dtype, bound) in [(DType::F32, 1e-4), (DType::F16, 5e-3)] {
@@ -347,12 +348,14 @@ fn decode_batches(c: &mut dyn Engine, g: &mut dyn Engine, exact: bool) -> f64 {
         g.forward(&prefill(&gs)).unwrap();
         for step in 0..3u64 {
             let next = tokens(rows, vocab, 1000 + step);
-            let kind = |i: usize| {
-                if (i + step as usize).is_multiple_of(2) {
-                    LogitsFor::Pick
-                } else {
-                    LogitsFor::Last
-                }
+            // Rows rotate through: picked greedily, logits back, picked by sampling.
+            let kind = |i: usize| match (i + step as usize) % 3 {
+                0 => LogitsFor::Pick(PickRule::Greedy),
+                1 => LogitsFor::Last,
+                _ => LogitsFor::Pick(PickRule::Sample {
+                    temperature: 0.8,
+                    noise_seed: 77 * i as u64 + step,
+                }),
             };
             let batch = |seqs: &[gpt2rs::engine::SeqId], mixed: bool| -> Vec<BatchEntry<'_>> {
                 (0..rows)
@@ -371,19 +374,23 @@ fn decode_batches(c: &mut dyn Engine, g: &mut dyn Engine, exact: bool) -> f64 {
             let want = c.forward(&batch(&cs, false)).unwrap();
             let got = g.forward(&batch(&gs, true)).unwrap();
             for i in 0..rows {
-                let cpu_top = gpt2rs::generate::sampling::argmax(want.last(i).unwrap());
-                let own_top = gpt2rs::generate::sampling::argmax(own.last(i).unwrap());
-                let expected = if exact { cpu_top } else { own_top };
-                if kind(i) == LogitsFor::Pick {
+                let rule = match kind(i) {
+                    LogitsFor::Pick(rule) => rule,
+                    _ => PickRule::Greedy,
+                };
+                let cpu = rule.apply(want.last(i).unwrap());
+                let own = rule.apply(own.last(i).unwrap());
+                let expected = if exact { cpu } else { own };
+                if let LogitsFor::Pick(_) = kind(i) {
                     assert!(got.last(i).is_none(), "a picked row brought logits back");
                 } else {
                     let row = got.last(i).unwrap();
                     worst = worst.max(relative_error(want.last(i).unwrap(), row));
                 }
                 assert_eq!(
-                    got.pick(i),
+                    got.pick(i, rule),
                     Some(expected),
-                    "batch {rows}, row {i}, step {step}"
+                    "batch {rows}, row {i}, step {step}, {rule:?}"
                 );
             }
         }
@@ -393,4 +400,32 @@ fn decode_batches(c: &mut dyn Engine, g: &mut dyn Engine, exact: bool) -> f64 {
         }
     }
     worst
+}
+
+#[test]
+fn warm_up_captures_ahead_and_changes_nothing_else() {
+    let w = fixture_weights("odd-heads", DType::F32);
+    let Some(mut g) = gpu(&w) else { return };
+    let vocab = w.config.vocab_size;
+    let mut c = CpuEngine::new(w);
+    g.warm_up(12, 100).unwrap();
+    // Logits after it still match the CPU's.
+    let (worst, _, agree) = compare(&mut c, &mut g, &tokens(21, vocab, 8));
+    assert!(
+        worst < 1e-4 && agree == 1.0,
+        "after warm-up: worst {worst:e}"
+    );
+    // Greedy decoding in batches of every warmed size still equals the CPU's.
+    let tok = Tokenizer::gpt2();
+    let prompts: Vec<Vec<u32>> = (0..12).map(|i| tokens(2 + i, vocab, i as u64)).collect();
+    let cfg = GenerationConfig {
+        max_new_tokens: 6,
+        stop_at_eos: false,
+        ..GenerationConfig::default()
+    };
+    let (on_cpu, _) = generate(&mut c, &tok, &prompts, &cfg, &mut |_| {}).unwrap();
+    let (on_gpu, _) = generate(&mut g, &tok, &prompts, &cfg, &mut |_| {}).unwrap();
+    for (a, b) in on_cpu.iter().zip(&on_gpu) {
+        assert_eq!(a.tokens, b.tokens);
+    }
 }

@@ -133,7 +133,8 @@ fn specs(plan: &LoadPlan) -> Vec<Spec> {
         .collect()
 }
 
-/// Runs the plan: `clients` threads take requests in turn until all are sent.
+/// Runs the plan after one warm-up request: `clients` threads take requests in turn until
+/// all are sent.
 pub fn run(plan: &LoadPlan) -> LoadReport {
     let specs = specs(plan);
     let next = AtomicUsize::new(0);
@@ -145,6 +146,11 @@ pub fn run(plan: &LoadPlan) -> LoadReport {
             .build(),
     );
     let url = format!("{}/v1/completions", plan.url.trim_end_matches('/'));
+    // One request first, not counted: a fresh server's first pass compiles or captures what
+    // later ones reuse (CUDA graphs), which `generate`'s figures do not include either.
+    if let Some(first) = specs.first() {
+        let _ = one(&agent, &url, first);
+    }
     let start = Instant::now();
     std::thread::scope(|s| {
         for _ in 0..plan.clients.max(1) {

@@ -85,13 +85,20 @@ impl Worker {
         let thread = std::thread::Builder::new()
             .name(name.clone())
             .spawn(move || {
-                let engine = match factory() {
+                let mut engine = match factory() {
                     Ok(e) => e,
                     Err(msg) => {
                         let _ = ready_tx.send(Err(msg));
                         return;
                     }
                 };
+                // What an engine would otherwise capture or grow on the first requests of
+                // each shape, mid-stream (CUDA graphs per batch size).
+                let sched = ctx.scheduler;
+                if let Err(e) = engine.warm_up(sched.max_running, sched.max_step_tokens) {
+                    let _ = ready_tx.send(Err(format!("warming up the engine: {e}")));
+                    return;
+                }
                 let _ = ready_tx.send(Ok(engine.describe()));
                 run(engine, rx, ctx, counters);
             })

@@ -12,7 +12,7 @@ use crate::error::Result;
 pub struct SeqId(pub u64);
 
 /// Which logits a batch entry wants back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum LogitsFor {
     /// None (the tokens only extend the cache).
     Nothing,
@@ -20,11 +20,62 @@ pub enum LogitsFor {
     Last,
     /// Every new token's (what scoring needs).
     All,
-    /// Only the most likely token after the last new one (greedy decoding that reads nothing
-    /// else of the logits): an engine on a device picks it there and brings back one id
-    /// instead of a vocabulary of floats; others may return the last row and let
-    /// [`Logits::pick`] find it.
-    Pick,
+    /// Only the next token after the last new one, chosen by the rule (generation that reads
+    /// nothing else of the logits): an engine on a device picks it there and brings back one
+    /// id instead of a vocabulary of floats; others may return the last row and let
+    /// [`Logits::pick`] choose.
+    Pick(PickRule),
+}
+
+/// How a row's next token is chosen from its logits for [`LogitsFor::Pick`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum PickRule {
+    /// The most likely token (the first of equal ones, like greedy sampling).
+    Greedy,
+    /// A draw from softmax(logits / temperature) by the Gumbel-max trick: the token whose
+    /// `logit · (1 / temperature) + gumbel(pick_noise(noise_seed, token))` is largest. Every
+    /// backend draws the same noise, so a seed gives the same tokens on any of them (up to
+    /// float differences in the logits themselves).
+    Sample { temperature: f32, noise_seed: u64 },
+}
+
+impl PickRule {
+    /// The token this rule picks from a row of logits (the reference every engine matches).
+    pub fn apply(self, row: &[f32]) -> u32 {
+        match self {
+            Self::Greedy => crate::generate::sampling::argmax(row),
+            Self::Sample {
+                temperature,
+                noise_seed,
+            } => {
+                let inv = 1.0 / temperature;
+                let (mut best, mut best_score) = (0u32, f32::NEG_INFINITY);
+                for (j, &v) in row.iter().enumerate() {
+                    let score = v * inv + gumbel(pick_noise(noise_seed, j as u32));
+                    if score > best_score {
+                        best_score = score;
+                        best = j as u32;
+                    }
+                }
+                best
+            }
+        }
+    }
+}
+
+/// Uniform noise in (0, 1) for `token` under `seed`: splitmix64 of the pair, 24 bits (the same
+/// integer steps as `pick_noise` in the CUDA kernels).
+pub fn pick_noise(seed: u64, token: u32) -> f32 {
+    let mut z = seed.wrapping_add(u64::from(token + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    ((z >> 40) as f32 + 0.5) * (1.0 / 16_777_216.0)
+}
+
+/// A standard Gumbel variate from uniform `u`.
+pub fn gumbel(u: f32) -> f32 {
+    -(-u.ln()).ln()
 }
 
 /// One entry of a ragged batch.
@@ -73,10 +124,10 @@ impl Logits {
         self
     }
 
-    /// The most likely token after entry `entry`'s last row: the engine's own pick, or the
-    /// first largest logit of that row (as greedy sampling picks); `None` if it has neither.
-    pub fn pick(&self, entry: usize) -> Option<u32> {
-        self.picks[entry].or_else(|| self.last(entry).map(crate::generate::sampling::argmax))
+    /// The token `rule` picks after entry `entry`: the engine's own pick, or `rule` applied to
+    /// the entry's last row; `None` if it has neither.
+    pub fn pick(&self, entry: usize, rule: PickRule) -> Option<u32> {
+        self.picks[entry].or_else(|| self.last(entry).map(|row| rule.apply(row)))
     }
 
     /// The rows of batch entry `entry` (empty if it asked for nothing).
@@ -114,6 +165,14 @@ pub trait Engine {
     /// Appends each entry's tokens to its sequence and returns the logits asked for.
     /// Fails (and changes nothing) if a sequence would exceed the context length.
     fn forward(&mut self, batch: &[BatchEntry<'_>]) -> Result<Logits>;
+
+    /// Gets ready to run up to `max_batch` sequences in passes of up to `max_step_tokens`
+    /// tokens, so that what an engine sets up per shape (GPU buffers, CUDA graphs) is not done
+    /// in the middle of serving. Leaves no sequence behind. The default does nothing.
+    fn warm_up(&mut self, max_batch: usize, max_step_tokens: usize) -> Result<()> {
+        let _ = (max_batch, max_step_tokens);
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -126,9 +185,41 @@ mod tests {
         // but the engine picked 7.
         let data = vec![0.0, 9.0, 0.0, 0.0, 0.5, 2.0, 1.0, 2.0];
         let l = Logits::new(4, data, &[2, 0, 0]).with_picks(vec![None, None, Some(7)]);
-        assert_eq!(l.pick(0), Some(1));
-        assert_eq!(l.pick(1), None);
-        assert_eq!(l.pick(2), Some(7));
+        let g = PickRule::Greedy;
+        assert_eq!(l.pick(0, g), Some(1));
+        assert_eq!(l.pick(1, g), None);
+        assert_eq!(l.pick(2, g), Some(7));
         assert!(l.last(2).is_none());
+    }
+
+    #[test]
+    fn gumbel_picks_sample_the_softmax_at_the_temperature() {
+        let row = [1.0f32, 0.0, 2.0, -1.0];
+        for temperature in [0.5f32, 1.0, 2.0] {
+            let z: f64 = row.iter().map(|&v| ((v / temperature) as f64).exp()).sum();
+            let mut counts = [0usize; 4];
+            let n = 40_000;
+            for seed in 0..n as u64 {
+                let rule = PickRule::Sample {
+                    temperature,
+                    noise_seed: seed.wrapping_mul(0x2545_F491_4F6C_DD1D),
+                };
+                counts[rule.apply(&row) as usize] += 1;
+            }
+            for (i, &c) in counts.iter().enumerate() {
+                let want = ((row[i] / temperature) as f64).exp() / z;
+                let got = c as f64 / n as f64;
+                // 40,000 draws: a standard error below 0.0025.
+                assert!(
+                    (got - want).abs() < 0.012,
+                    "t {temperature}, token {i}: {got} vs {want}"
+                );
+            }
+        }
+        // The noise is uniform in (0, 1), never 0 or 1.
+        for t in 0..10_000 {
+            let u = pick_noise(7, t);
+            assert!(u > 0.0 && u < 1.0);
+        }
     }
 }

@@ -8,7 +8,7 @@
 //! sequence's inter-token latency, stays bounded). `generate` and the server both run on this.
 
 use crate::config::Gpt2Config;
-use crate::engine::{BatchEntry, Engine, LogitsFor, SeqId};
+use crate::engine::{BatchEntry, Engine, LogitsFor, PickRule, SeqId};
 use crate::error::{Error, Result};
 use crate::generate::sampling::{self, SamplingParams, SeqRng};
 use crate::generate::stream::TextStream;
@@ -325,9 +325,11 @@ impl Scheduler {
                         report.events.push((a.id, Event::PromptLogprobs(lps)));
                     }
                     if done {
-                        let next = match (picks_only(&a.req), rows.last()) {
-                            (false, Some(row)) => Next::Row(row),
-                            _ => Next::Picked(logits.pick(entry).expect("asked for a pick")),
+                        let next = match prefill_rule(&a.req) {
+                            Some(rule) => {
+                                Next::Picked(logits.pick(entry, rule).expect("asked for a pick"))
+                            }
+                            None => Next::Row(rows.last().expect("asked for the last row")),
                         };
                         self.start_samples(engine, tokenizer, active, next, &mut report);
                     }
@@ -404,7 +406,7 @@ impl Scheduler {
                     logits: if a.req.prompt_logprobs {
                         LogitsFor::All
                     } else if completes {
-                        last_logits(&a.req)
+                        prefill_rule(&a.req).map_or(LogitsFor::Last, LogitsFor::Pick)
                     } else {
                         LogitsFor::Nothing
                     },
@@ -416,7 +418,8 @@ impl Scheduler {
                 BatchEntry {
                     seq: s.seq,
                     tokens: std::slice::from_ref(s.history.last().expect("has a token")),
-                    logits: last_logits(&a.req),
+                    logits: pick_rule(&a.req, sample, s.history.len())
+                        .map_or(LogitsFor::Last, LogitsFor::Pick),
                 }
             }
         }
@@ -478,12 +481,18 @@ impl Scheduler {
             .iter()
             .enumerate()
             .filter_map(|(e, s)| match *s {
-                Slot::Decode { active, .. } => Some((e, &self.active[active].req)),
+                Slot::Decode { active, sample } => {
+                    let a = &self.active[active];
+                    Some((
+                        e,
+                        pick_rule(&a.req, sample, a.samples[sample].history.len()),
+                    ))
+                }
                 Slot::Prefill { .. } => None,
             })
-            .map(|(e, req)| match (picks_only(req), logits.last(e)) {
-                (false, Some(row)) => Next::Row(row),
-                _ => Next::Picked(logits.pick(e).expect("asked for a pick")),
+            .map(|(e, rule)| match rule {
+                Some(rule) => Next::Picked(logits.pick(e, rule).expect("asked for a pick")),
+                None => Next::Row(logits.last(e).expect("asked for the last row")),
             })
             .collect();
         let mut work: Vec<(&mut Sample, &Request)> = self
@@ -608,22 +617,41 @@ enum Next<R> {
     Picked(u32),
 }
 
-/// Whether a request's draws need nothing but the most likely token: greedy, no repetition
-/// penalty, no log-probabilities. Its rows then ask for [`LogitsFor::Pick`], so an engine on
-/// a device brings back one id per row instead of the whole vocabulary's logits.
-fn picks_only(req: &Request) -> bool {
-    req.sampling.temperature.is_none()
-        && req.sampling.repetition_penalty == 1.0
-        && req.top_logprobs.is_none()
+/// The rule by which an engine may pick a request's next token itself ([`LogitsFor::Pick`]:
+/// an engine on a device then brings back one id per row instead of a vocabulary of logits),
+/// when its draws read nothing else of the logits: greedy, or plain temperature sampling (no
+/// top-k or top-p, no repetition penalty, no log-probabilities). A sampled rule's noise comes
+/// from the request's seed, the sample and the position, so a seed gives the same tokens
+/// whatever else runs in the batch and on whichever backend.
+fn pick_rule(req: &Request, sample: usize, position: usize) -> Option<PickRule> {
+    let p = &req.sampling;
+    if req.top_logprobs.is_some() || p.repetition_penalty != 1.0 {
+        return None;
+    }
+    match p.temperature {
+        None => Some(PickRule::Greedy),
+        Some(temperature) if p.top_k == 0 && p.top_p >= 1.0 => Some(PickRule::Sample {
+            temperature,
+            noise_seed: noise_seed(req, sample, position),
+        }),
+        Some(_) => None,
+    }
 }
 
-/// What the row that predicts a request's next token asks for.
-fn last_logits(req: &Request) -> LogitsFor {
-    if picks_only(req) {
-        LogitsFor::Pick
-    } else {
-        LogitsFor::Last
-    }
+/// The rule for the first new token, picked from the prompt's last row: with several samples
+/// only greedy (the samples fork after it and would otherwise all share one draw).
+fn prefill_rule(req: &Request) -> Option<PickRule> {
+    pick_rule(req, 0, req.prompt.len()).filter(|r| req.samples == 1 || *r == PickRule::Greedy)
+}
+
+/// The noise seed of sample `sample`'s draw at `position`.
+fn noise_seed(req: &Request, sample: usize, position: usize) -> u64 {
+    let mut z = req.seed
+        ^ (req.rng_stream as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (sample as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
+        ^ (position as u64).wrapping_mul(0x1656_67B1_9E37_79F9);
+    z = (z ^ (z >> 33)).wrapping_mul(0xFF51_AFD7_ED55_8CCD);
+    z ^ (z >> 33)
 }
 
 fn finished(sample: usize, reason: FinishReason) -> Event {

@@ -4,7 +4,7 @@ use super::backend::Backend;
 use super::types::{Gpu, Hardware};
 use gpt2rs::config::Gpt2Config;
 use gpt2rs::cpu::{roofline, simd};
-use gpt2rs::engine::{BatchEntry, Engine, LogitsFor};
+use gpt2rs::engine::{BatchEntry, Engine, LogitsFor, PickRule};
 use gpt2rs::quant::{DType, WeightFormat};
 use gpt2rs::weights::ModelWeights;
 
@@ -44,7 +44,7 @@ impl DriftProbe {
             e.forward(&[BatchEntry {
                 seq,
                 tokens: t,
-                logits: LogitsFor::Pick,
+                logits: LogitsFor::Pick(PickRule::Greedy),
             }])
             .map(|_| ())
         };

@@ -212,7 +212,7 @@ impl CpuEngine {
             let n = e.tokens.len();
             let range = match e.logits {
                 LogitsFor::Nothing => start..start,
-                LogitsFor::Last | LogitsFor::Pick => start + n - 1..start + n,
+                LogitsFor::Last | LogitsFor::Pick(_) => start + n - 1..start + n,
                 LogitsFor::All => start..start + n,
             };
             per_entry.push(range.len());
