@@ -237,6 +237,18 @@ __device__ void attention(const float* q, const unsigned long long* caches, cons
     }
 }
 
+// The warp's largest `best` and, among equal ones, the smallest `bi`, in every lane.
+__device__ __forceinline__ void warp_best(float& best, int& bi) {
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(FULL_MASK, best, o);
+        int oi = __shfl_xor_sync(FULL_MASK, bi, o);
+        if (ov > best || (ov == best && oi < bi)) {
+            best = ov;
+            bi = oi;
+        }
+    }
+}
+
 // picks[b] = pick_key of the best pick_score in row first + b of logits ([*, v] f32) and its
 // first index, as the host picks (NaN never wins); one block per row.
 __device__ void argmax_rows(const float* __restrict__ logits, int first, int v,
@@ -255,14 +267,7 @@ __device__ void argmax_rows(const float* __restrict__ logits, int first, int v,
             bi = i;
         }
     }
-    for (int o = 16; o > 0; o >>= 1) {
-        float ov = __shfl_xor_sync(FULL_MASK, best, o);
-        int oi = __shfl_xor_sync(FULL_MASK, bi, o);
-        if (ov > best || (ov == best && oi < bi)) {
-            best = ov;
-            bi = oi;
-        }
-    }
+    warp_best(best, bi);
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     if (lane == 0) {
         best_v[warp] = best;
@@ -273,14 +278,7 @@ __device__ void argmax_rows(const float* __restrict__ logits, int first, int v,
         bool live = lane < (int)(blockDim.x >> 5);
         best = live ? best_v[lane] : NEG_INF;
         bi = live ? best_i[lane] : 0x7fffffff;
-        for (int o = 16; o > 0; o >>= 1) {
-            float ov = __shfl_xor_sync(FULL_MASK, best, o);
-            int oi = __shfl_xor_sync(FULL_MASK, bi, o);
-            if (ov > best || (ov == best && oi < bi)) {
-                best = ov;
-                bi = oi;
-            }
-        }
+        warp_best(best, bi);
         // A row of nothing but -inf or NaN: the host's argmax answers 0 too.
         if (lane == 0) picks[blockIdx.x] = bi == 0x7fffffff ? pick_key(NEG_INF, 0) : pick_key(best, bi);
     }
