@@ -20,7 +20,7 @@ def key(row):
 
 def spread(stat):
     half = (stat["max"] - stat["min"]) / 2 / stat["median"] if stat["median"] else 0.0
-    return max(half, stat.get("drift", 0.0))
+    return half + stat.get("drift", 0.0)
 
 
 def main(a_path, b_path):

@@ -186,6 +186,10 @@ struct Seq {
 
 /// KV caches grow by this many positions at a time, not for the whole context up front.
 const CACHE_BLOCK_TOKENS: usize = 64;
+/// Finished sequences' caches kept for reuse (the oldest go back to the driver first; all
+/// of them when a batch would not fit otherwise).
+const SPARE_CACHES: usize = 128;
+const SPARE_BYTES: usize = 2 << 30;
 
 /// Device buffers reused by every pass, grown to the largest batch seen.
 #[derive(Default)]
@@ -209,6 +213,9 @@ pub struct CudaEngine {
     use_graphs: bool,
     /// Programmatic dependent launch (Hopper and later).
     use_pdl: bool,
+    /// Caches of finished sequences, by capacity, kept for the next ones (a new allocation
+    /// per request costs a cudaMalloc and a memset on its first pass).
+    spare: Vec<(usize, CudaSlice<u8>)>,
     /// Page-locked host memory the logits come back through, grown as needed.
     pinned: Option<cudarc::driver::PinnedHostSlice<u8>>,
 }
@@ -245,6 +252,7 @@ impl CudaEngine {
             // GPT2RS_CUDA_GRAPHS=0 launches every kernel of every step (for comparisons).
             use_graphs: std::env::var("GPT2RS_CUDA_GRAPHS").map_or(true, |v| v != "0"),
             use_pdl,
+            spare: Vec::new(),
             pinned: None,
         })
     }
@@ -686,7 +694,12 @@ impl CudaEngine {
         let bytes = |cap: usize| cache_bytes_for(cfg, self.precision, cap);
         let needed: u64 = growth.iter().map(|&(_, cap)| bytes(cap)).sum();
         if needed > 0 {
-            let (free, _) = self.dev.memory()?;
+            let (mut free, _) = self.dev.memory()?;
+            if needed > free && !self.spare.is_empty() {
+                // The spare caches go back to the driver before anything fails for lack of room.
+                self.spare.clear();
+                free = self.dev.memory()?.0;
+            }
             if needed > free {
                 return Err(Error::OutOfMemory {
                     what: format!(
@@ -709,11 +722,16 @@ impl CudaEngine {
     fn grow_cache(&mut self, seq: SeqId, cap: usize) -> Result<()> {
         let cfg = &self.config;
         let row = cfg.n_embd * self.precision.size();
-        let mut cache = self
-            .dev
-            .stream
-            .alloc_zeros::<u8>(cache_bytes_for(cfg, self.precision, cap) as usize)
-            .map_err(device_err("allocating a KV cache"))?;
+        // A spare cache of this capacity, else a new one. Neither needs clearing: attention
+        // reads only the positions a pass has written.
+        let mut cache = match self.spare.iter().position(|(c, _)| *c == cap) {
+            Some(i) => self.spare.swap_remove(i).1,
+            None => self
+                .dev
+                .stream
+                .alloc_zeros::<u8>(cache_bytes_for(cfg, self.precision, cap) as usize)
+                .map_err(device_err("allocating a KV cache"))?,
+        };
         let s = &self.seqs[&seq];
         if let Some(old) = &s.cache {
             // Keys then values, each n_layer runs of `len` positions at the old stride.
@@ -727,9 +745,22 @@ impl CudaEngine {
             }
         }
         let s = self.seqs.get_mut(&seq).expect("checked");
-        s.cache = Some(cache);
-        s.cap = cap;
+        let old = s.cache.replace(cache);
+        let old_cap = std::mem::replace(&mut s.cap, cap);
+        if let Some(old) = old {
+            self.keep_spare(old_cap, old);
+        }
         Ok(())
+    }
+
+    /// Keeps a cache no sequence holds any more for a later one (up to SPARE_CACHES of them
+    /// and SPARE_BYTES in all; the oldest go first).
+    fn keep_spare(&mut self, cap: usize, cache: CudaSlice<u8>) {
+        self.spare.push((cap, cache));
+        let mut total: usize = self.spare.iter().map(|(_, c)| c.len()).sum();
+        while self.spare.len() > SPARE_CACHES || total > SPARE_BYTES {
+            total -= self.spare.remove(0).1.len();
+        }
     }
 }
 
@@ -821,7 +852,14 @@ impl Engine for CudaEngine {
     }
 
     fn remove_sequence(&mut self, seq: SeqId) {
-        self.seqs.remove(&seq);
+        if let Some(Seq {
+            cap,
+            cache: Some(cache),
+            ..
+        }) = self.seqs.remove(&seq)
+        {
+            self.keep_spare(cap, cache);
+        }
     }
 
     fn sequence_len(&self, seq: SeqId) -> Option<usize> {

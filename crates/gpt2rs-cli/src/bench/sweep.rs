@@ -42,7 +42,7 @@ pub struct BenchModel {
 
 /// Runs the plan on every backend: one row per configuration, measured or skipped with the
 /// reason; with each backend's drift over the run (a reference decode on it, measured before
-/// each of its groups and at the end), which the spreads of its rows are widened to.
+/// each of its groups and at the end), which is added to the spreads of its rows.
 pub fn run(plan: &Plan, hw: &Hardware, backends: &[Backend]) -> (Vec<Row>, Vec<Drift>) {
     let mut rows = Vec::new();
     let theirs = plan.compare.as_ref();
@@ -94,13 +94,13 @@ pub fn run(plan: &Plan, hw: &Hardware, backends: &[Backend]) -> (Vec<Row>, Vec<D
         .collect();
     for d in &drift {
         let mine = rows.iter_mut().filter(|r| r.backend == d.backend);
-        widen(mine, d.fraction());
+        add_drift(mine, d.fraction());
     }
     (rows, drift)
 }
 
-/// Widens every measured spread of `rows` to at least `drift`.
-fn widen<'a>(rows: impl Iterator<Item = &'a mut Row>, drift: f64) {
+/// Adds `drift` to every measured spread of `rows`.
+fn add_drift<'a>(rows: impl Iterator<Item = &'a mut Row>, drift: f64) {
     for r in rows {
         for s in [
             &mut r.prefill_tok_s,

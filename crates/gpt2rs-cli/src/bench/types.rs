@@ -11,8 +11,8 @@ pub struct Stat {
     pub max: f64,
     /// Number of measurements.
     pub n: usize,
-    /// The machine's own drift over the run (a fraction, see [`Drift`]): the printed spread is
-    /// never less, because repetitions taken back to back cannot show what changes over minutes.
+    /// The machine's own drift over the run (a fraction, see [`Drift`]), added to the printed
+    /// spread: repetitions taken back to back cannot show what changes over minutes.
     pub drift: f64,
 }
 
@@ -45,10 +45,12 @@ impl Stat {
         }
     }
 
-    /// The "±" printed next to the median, as a fraction: half the range of the repetitions,
-    /// or the machine's drift over the run when that is larger.
+    /// The "±" printed next to the median, as a fraction: half the range of the repetitions
+    /// (the noise from one run to the next) plus the machine's drift over the whole run (how
+    /// far the machine itself moved). Either alone was too narrow for two runs of one command
+    /// on a shared 16-core host (docs/benchmarks.md, "Reproducibility").
     pub fn spread(&self) -> f64 {
-        self.half_range().max(self.drift)
+        self.half_range() + self.drift
     }
 }
 
