@@ -99,21 +99,6 @@ impl Epilogue {
     }
 }
 
-/// What a matrix product multiplies.
-#[derive(Clone, Copy)]
-enum Input<'a> {
-    /// A buffer in the model's precision.
-    Ready(u64),
-    /// The layer norm of the residual stream x (rows through `rows`, a device list of row
-    /// numbers, when not 0), by its own kernel into `h`. (Fused into each block of the
-    /// matrix-vector kernels it measured slower on the H200: every block redoing the norm
-    /// delays its first weight reads.)
-    Normalized {
-        norm: &'a crate::weights::DeviceNorm,
-        rows: u64,
-    },
-}
-
 /// Device addresses of one pass's inputs and scratch buffers, and its sizes.
 struct Pass {
     rows: usize,
@@ -343,30 +328,16 @@ impl CudaEngine {
         .map_err(device_err("launching a kernel"))
     }
 
-    /// `input[rows, k]` · `wᵀ` (`w` `[n, k]` row-major) through `epi`: up to GEMV_MAX_ROWS
-    /// rows in one matrix-vector kernel with the epilogue fused, more through cuBLAS (f32
-    /// into the pass's product buffer) and an elementwise epilogue.
-    fn gemm(
-        &self,
-        p: &Pass,
-        input: Input,
-        rows: usize,
-        w: &DeviceMatrix,
-        epi: Epilogue,
-    ) -> Result<()> {
+    /// `x[rows, k]` · `wᵀ` (`x` in the model's precision, `w` `[n, k]` row-major) through
+    /// `epi`: up to GEMV_MAX_ROWS rows in one matrix-vector kernel with the epilogue fused,
+    /// more through cuBLAS (f32 into the pass's product buffer) and an elementwise epilogue.
+    fn gemm(&self, p: &Pass, x: u64, rows: usize, w: &DeviceMatrix, epi: Epilogue) -> Result<()> {
         let (n, k) = (w.rows as i32, w.cols as i32);
         let (c, n_layer, es) = (
             self.config.n_embd,
             self.config.n_layer,
             self.precision.size(),
         );
-        let x = match input {
-            Input::Ready(x) => x,
-            Input::Normalized { norm, rows: which } => {
-                self.layernorm(p, norm, rows, which)?;
-                p.h
-            }
-        };
         if rows <= GEMV_MAX_ROWS {
             let wpr = warps_per_row(w.rows, w.cols, es);
             let cfg = LaunchConfig {
@@ -435,7 +406,8 @@ impl CudaEngine {
     }
 
     /// The layer norm of `rows` rows of x (through the device row list `which`, when not 0)
-    /// into h, in the model's precision.
+    /// into h, in the model's precision. (Fused into each block of the matrix-vector kernels
+    /// it measured slower on the H200: every block redoing the norm delays its weight reads.)
     fn layernorm(
         &self,
         p: &Pass,
@@ -535,7 +507,6 @@ impl CudaEngine {
                 + cfg.head_dim())
                 * 4) as u32,
         };
-        let normalized = |norm, rows| Input::Normalized { norm, rows };
         for (l, lw) in w.layers.iter().enumerate() {
             let mut scale = if cfg.scale_attn_weights {
                 1.0 / (cfg.head_dim() as f32).sqrt()
@@ -551,7 +522,8 @@ impl CudaEngine {
                 layer: l as i32,
                 scale,
             };
-            self.gemm(p, normalized(&lw.ln_1, 0), rows, &lw.qkv.w, qkv)?;
+            self.layernorm(p, &lw.ln_1, rows, 0)?;
+            self.gemm(p, p.h, rows, &lw.qkv.w, qkv)?;
             self.launch(
                 &k.attention,
                 attention_cfg,
@@ -573,15 +545,16 @@ impl CudaEngine {
                 x,
             };
             let attn_out = back(&lw.attn_out.b);
-            self.gemm(p, Input::Ready(att), rows, &lw.attn_out.w, attn_out)?;
+            self.gemm(p, att, rows, &lw.attn_out.w, attn_out)?;
             let mlp_act = Epilogue::Act {
                 bias: lw.mlp_in.b.ptr(dev),
                 out: m,
                 act,
             };
-            self.gemm(p, normalized(&lw.ln_2, 0), rows, &lw.mlp_in.w, mlp_act)?;
+            self.layernorm(p, &lw.ln_2, rows, 0)?;
+            self.gemm(p, p.h, rows, &lw.mlp_in.w, mlp_act)?;
             let mlp_out = back(&lw.mlp_out.b);
-            self.gemm(p, Input::Ready(m), rows, &lw.mlp_out.w, mlp_out)?;
+            self.gemm(p, m, rows, &lw.mlp_out.w, mlp_out)?;
         }
 
         // The final norm of the wanted rows only, the head, and the picks.
@@ -590,8 +563,8 @@ impl CudaEngine {
                 out: p.logits,
                 first_pick: p.wanted - p.picks,
             };
-            let last = normalized(&w.ln_f, p.wanted_rows);
-            self.gemm(p, last, p.wanted, w.lm_head(), head)?;
+            self.layernorm(p, &w.ln_f, p.wanted, p.wanted_rows)?;
+            self.gemm(p, p.h, p.wanted, w.lm_head(), head)?;
         }
         Ok(())
     }
