@@ -357,8 +357,8 @@ fn bench_measures_each_row_and_lists_what_it_skipped() {
     fails(&["bench", "--device", "tpu"], "cpu, cuda, cuda:N or all");
 }
 
-/// The GPU path of bench: f16 measured with its GPU memory and GPU ceilings, int8 skipped with
-/// the reason. Without a usable GPU (or without the feature) it says so and checks the error.
+/// The GPU path of bench: f16 and int8 measured with their GPU memory and GPU ceilings.
+/// Without a usable GPU (or without the feature) it says so and checks the error.
 #[test]
 fn bench_on_the_gpu_or_says_why_not() {
     let args = [
@@ -395,12 +395,13 @@ fn bench_on_the_gpu_or_says_why_not() {
     assert!(gpu["ceilings"]["f16_gemm_tflops"].as_f64().unwrap() > 0.0);
     let rows = report["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 2, "{rows:?}");
-    assert_eq!(rows[0]["backend"], "cuda:0");
-    assert!(rows[0]["skipped"].is_null(), "{}", rows[0]);
-    assert!(rows[0]["decode_tok_s"]["median"].as_f64().unwrap() > 0.0);
-    assert!(rows[0]["decode_roofline"].as_f64().unwrap() > 0.0);
-    assert!(rows[0]["gpu_memory_bytes"].as_u64().unwrap() > 0);
-    assert!(rows[1]["skipped"].as_str().unwrap().contains("CPU only"));
+    for row in rows {
+        assert_eq!(row["backend"], "cuda:0");
+        assert!(row["skipped"].is_null(), "{row}");
+        assert!(row["decode_tok_s"]["median"].as_f64().unwrap() > 0.0);
+        assert!(row["decode_roofline"].as_f64().unwrap() > 0.0);
+        assert!(row["gpu_memory_bytes"].as_u64().unwrap() > 0);
+    }
 }
 
 #[test]

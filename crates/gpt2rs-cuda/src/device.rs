@@ -23,6 +23,8 @@ pub struct Device {
     pub ordinal: usize,
     /// Compute capability major version (9 = Hopper).
     pub major: i32,
+    /// Streaming multiprocessors.
+    pub sm_count: usize,
 }
 
 /// Turns any CUDA-side failure into the library's error, saying what was being done.
@@ -94,6 +96,11 @@ impl Device {
         let (major, minor) = ctx
             .compute_capability()
             .map_err(device_err("reading the compute capability"))?;
+        let sm_count =
+            ctx.attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(device_err("reading the GPU's multiprocessor count"))? as usize;
         let ptx = compile_kernels(major, minor)?;
         let module = ctx
             .load_module(ptx)
@@ -107,6 +114,7 @@ impl Device {
             name,
             ordinal,
             major,
+            sm_count,
         })
     }
 

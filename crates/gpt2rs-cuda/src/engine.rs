@@ -7,7 +7,7 @@
 //! precision, f32 accumulation and output); the rest are the kernels of `kernels.cu`.
 
 use crate::device::{device_err, Device, CUBLAS_WORKSPACE};
-use crate::weights::{DeviceMatrix, DeviceModel, Precision};
+use crate::weights::{DeviceMatrix, DeviceModel, MatrixFormat, Precision};
 use cudarc::cublas::sys::{
     cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t,
 };
@@ -19,7 +19,7 @@ use cudarc::driver::{CudaFunction, CudaGraph, CudaSlice, DevicePtr, LaunchConfig
 use gpt2rs::config::{Activation, Gpt2Config};
 use gpt2rs::engine::{BatchEntry, Engine, Logits, LogitsFor, PickRule, SeqId};
 use gpt2rs::memory::Bytes;
-use gpt2rs::quant::DType;
+use gpt2rs::quant::{DType, WeightFormat};
 use gpt2rs::weights::ModelWeights;
 use gpt2rs::{Error, Result};
 use rayon::prelude::*;
@@ -28,6 +28,8 @@ use std::ffi::c_void;
 
 /// Threads per block of the row-wise kernels.
 const ROW_THREADS: u32 = 256;
+/// Threads per block of the matrix-vector kernels (8 warps; kernels.cu's gemv assumes it).
+const GEMV_THREADS: u32 = 256;
 /// Threads per block of the attention kernel (one block per row and head).
 const ATTENTION_THREADS: u32 = 256;
 /// Up to this many rows, matrix products run as our matrix-vector kernels (each weight read
@@ -122,6 +124,8 @@ struct Pass {
     att: u64,
     /// f32 products of cuBLAS before their epilogue (passes of more than GEMV_MAX_ROWS rows).
     product: u64,
+    /// A quantized matrix dequantized for cuBLAS (such passes of an int8 / int4 model), or 0.
+    dequantized: u64,
     m: u64,
     logits: u64,
 }
@@ -134,10 +138,44 @@ enum Arg {
     Float(f32),
 }
 
-struct Kernels {
+/// The kernels that read a matrix of one format.
+struct MatrixKernels {
     /// `gemv[r - 1]`: the matrix-vector kernel for r rows.
     gemv: Vec<CudaFunction>,
+    /// `resident_warps[r - 1]`: how many warps of it the whole GPU holds at once.
+    resident_warps: Vec<usize>,
     embed: CudaFunction,
+    /// Into f16 for cuBLAS (the integer formats).
+    dequantize: Option<CudaFunction>,
+}
+
+impl MatrixKernels {
+    fn load(dev: &Device, format: MatrixFormat) -> Result<Self> {
+        let f = |name: &str| dev.function(&format!("{name}_{}", format.suffix()));
+        let gemv: Vec<CudaFunction> = (1..=GEMV_MAX_ROWS)
+            .map(|r| f(&format!("gemv{r}")))
+            .collect::<Result<_>>()?;
+        let resident_warps = gemv
+            .iter()
+            .map(|g| {
+                let blocks = g
+                    .occupancy_max_active_blocks_per_multiprocessor(GEMV_THREADS, 0, None)
+                    .map_err(device_err("reading a kernel's occupancy"))?;
+                Ok(blocks.max(1) as usize * (GEMV_THREADS as usize / 32) * dev.sm_count)
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            gemv,
+            resident_warps,
+            embed: f("embed")?,
+            dequantize: format.is_quantized().then(|| f("dequantize")).transpose()?,
+        })
+    }
+}
+
+struct Kernels {
+    /// Per matrix format the model holds (the blocks', and the head's when it differs).
+    matrices: Vec<(MatrixFormat, MatrixKernels)>,
     layernorm: CudaFunction,
     attention: CudaFunction,
     epilogue_rows: CudaFunction,
@@ -145,18 +183,31 @@ struct Kernels {
 }
 
 impl Kernels {
-    fn load(dev: &Device, p: Precision) -> Result<Self> {
+    fn load(dev: &Device, p: Precision, formats: &[MatrixFormat]) -> Result<Self> {
         let f = |name: &str| dev.function(&format!("{name}_{}", p.suffix()));
+        let mut matrices: Vec<(MatrixFormat, MatrixKernels)> = vec![];
+        for &m in formats {
+            if !matrices.iter().any(|(have, _)| *have == m) {
+                matrices.push((m, MatrixKernels::load(dev, m)?));
+            }
+        }
         Ok(Self {
-            gemv: (1..=GEMV_MAX_ROWS)
-                .map(|r| f(&format!("gemv{r}")))
-                .collect::<Result<_>>()?,
-            embed: f("embed")?,
+            matrices,
             layernorm: f("layernorm")?,
             attention: f("attention")?,
             epilogue_rows: f("epilogue_rows")?,
             argmax: f("argmax")?,
         })
+    }
+
+    /// The kernels that read `m`.
+    fn of(&self, m: &DeviceMatrix) -> &MatrixKernels {
+        &self
+            .matrices
+            .iter()
+            .find(|(f, _)| *f == m.format)
+            .expect("kernels are loaded for every format the model holds")
+            .1
     }
 }
 
@@ -188,6 +239,9 @@ pub struct CudaEngine {
     kernels: Kernels,
     w: DeviceModel,
     config: Gpt2Config,
+    /// How the weights were given (the matrices keep int8 / int4 as they are).
+    format: WeightFormat,
+    /// The activations' and KV cache's element type.
     precision: Precision,
     seqs: HashMap<SeqId, Seq>,
     next_id: u64,
@@ -211,7 +265,7 @@ impl CudaEngine {
     pub fn new(weights: &ModelWeights, ordinal: usize) -> Result<Self> {
         let precision = Precision::for_dtype(weights.format.dtype)?;
         let dev = Device::open(ordinal)?;
-        let needed = DeviceModel::bytes(weights, precision);
+        let needed = DeviceModel::bytes(weights)?;
         let (free, _) = dev.memory()?;
         if needed > free {
             return Err(Error::OutOfMemory {
@@ -220,8 +274,9 @@ impl CudaEngine {
                 available: Bytes(free),
             });
         }
-        let kernels = Kernels::load(&dev, precision)?;
         let w = DeviceModel::upload(&dev, weights, precision)?;
+        let formats = [w.wte.format, w.lm_head().format, w.layers[0].qkv.w.format];
+        let kernels = Kernels::load(&dev, precision, &formats)?;
         // GPT2RS_CUDA_PDL=0 serializes kernels the ordinary way (for comparisons).
         let use_pdl = dev.major >= 9 && std::env::var("GPT2RS_CUDA_PDL").map_or(true, |v| v != "0");
         Ok(Self {
@@ -229,6 +284,7 @@ impl CudaEngine {
             kernels,
             w,
             config: weights.config.clone(),
+            format: weights.format,
             precision,
             seqs: HashMap::new(),
             next_id: 0,
@@ -265,10 +321,18 @@ impl CudaEngine {
         let per_row = c * 4 + c * es + c * 4 + c * es + (3 * c).max(inner) * 4 + inner * es;
         // Logits (and picked ids) of every sequence.
         let logits = sequences.next_power_of_two() * (config.vocab_size + 1) * 4;
+        let format = MatrixFormat::on_gpu(dtype, p);
+        // Passes longer than the matrix-vector kernels take dequantize each matrix for cuBLAS.
+        let dequantized = if format.is_quantized() && rows > GEMV_MAX_ROWS {
+            DeviceModel::largest_matrix(config) * es
+        } else {
+            0
+        };
         Ok(MemoryNeeded {
-            weights: DeviceModel::bytes_for(config, !config.tie_word_embeddings, p),
+            weights: DeviceModel::bytes_for(config, !config.tie_word_embeddings, format, format),
             kv_cache: sequences as u64 * cache_bytes(config, p),
-            scratch: (cap * per_row + cap * 36 + logits) as u64 + CUBLAS_WORKSPACE as u64,
+            scratch: (cap * per_row + cap * 36 + logits + dequantized) as u64
+                + CUBLAS_WORKSPACE as u64,
         })
     }
 
@@ -333,28 +397,50 @@ impl CudaEngine {
     /// more through cuBLAS (f32 into the pass's product buffer) and an elementwise epilogue.
     fn gemm(&self, p: &Pass, x: u64, rows: usize, w: &DeviceMatrix, epi: Epilogue) -> Result<()> {
         let (n, k) = (w.rows as i32, w.cols as i32);
-        let (c, n_layer, es) = (
-            self.config.n_embd,
-            self.config.n_layer,
-            self.precision.size(),
-        );
+        let (c, n_layer) = (self.config.n_embd, self.config.n_layer);
+        let kernels = self.kernels.of(w);
+        let (data, scales) = (w.ptr(&self.dev), w.scales_ptr(&self.dev));
         if rows <= GEMV_MAX_ROWS {
-            let wpr = warps_per_row(w.rows, w.cols, es);
+            let wpr = warps_per_row(w.rows, w.row_bytes(), kernels.resident_warps[rows - 1]);
             let cfg = LaunchConfig {
                 grid_dim: ((w.rows * wpr).div_ceil(8) as u32, 1, 1),
-                block_dim: (256, 1, 1),
+                block_dim: (GEMV_THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
             let mut args = vec![
                 Arg::Ptr(x),
-                Arg::Ptr(w.ptr(&self.dev)),
+                Arg::Ptr(data),
+                Arg::Ptr(scales),
                 Arg::Int(n),
                 Arg::Int(k),
                 Arg::Int(wpr as i32),
             ];
             args.extend(epi.args(p, c, n_layer, true));
-            return self.launch(&self.kernels.gemv[rows - 1], cfg, &args);
+            return self.launch(&kernels.gemv[rows - 1], cfg, &args);
         }
+        // cuBLAS multiplies like with like: a quantized matrix is expanded first.
+        let w_ptr = if let Some(dequantize) = &kernels.dequantize {
+            // One thread per 16-byte piece.
+            let pieces = (w.rows * w.row_bytes() / 16) as u64;
+            self.launch(
+                dequantize,
+                LaunchConfig {
+                    grid_dim: (pieces.div_ceil(ROW_THREADS as u64).min(65_535) as u32, 1, 1),
+                    block_dim: (ROW_THREADS, 1, 1),
+                    shared_mem_bytes: 0,
+                },
+                &[
+                    Arg::Ptr(data),
+                    Arg::Ptr(scales),
+                    Arg::Int(n),
+                    Arg::Int(k),
+                    Arg::Ptr(p.dequantized),
+                ],
+            )?;
+            p.dequantized
+        } else {
+            data
+        };
         let out = match epi {
             Epilogue::Plain { out, .. } => out,
             _ => p.product,
@@ -373,7 +459,7 @@ impl CudaEngine {
                 rows as i32,
                 k,
                 &alpha as *const f32 as *const c_void,
-                w.ptr(&self.dev) as *const c_void,
+                w_ptr as *const c_void,
                 ty,
                 k,
                 x as *const c_void,
@@ -476,7 +562,7 @@ impl CudaEngine {
             0
         };
         self.launch(
-            &k.embed,
+            &k.of(&w.wte).embed,
             LaunchConfig {
                 grid_dim: (rows as u32, 1, 1),
                 block_dim: (ROW_THREADS, 1, 1),
@@ -486,6 +572,7 @@ impl CudaEngine {
                 Arg::Ptr(p.tokens),
                 Arg::Ptr(p.pos),
                 Arg::Ptr(w.wte.ptr(dev)),
+                Arg::Ptr(w.wte.scales_ptr(dev)),
                 Arg::Ptr(w.wpe.ptr(dev)),
                 Arg::Ptr(x),
                 Arg::Int(ci),
@@ -737,13 +824,14 @@ impl CudaEngine {
     }
 }
 
-/// Warps sharing each weight row in the matrix-vector kernels (1, 2, 4 or 8): enough warps in
-/// all to fill an H100-class GPU (132 SMs × 64 warps), each still with at least one 16-byte
-/// piece per lane of its share of the row.
-fn warps_per_row(rows: usize, cols: usize, elem_bytes: usize) -> usize {
-    let pieces = cols * elem_bytes / (32 * 16);
+/// Warps sharing each weight row in the matrix-vector kernels (1, 2, 4 or 8): as many as keep
+/// the whole grid resident at once (`resident` warps: a second wave would pay the memory
+/// latency again for little work), each still with at least one 16-byte piece per lane of its
+/// share of the row.
+fn warps_per_row(rows: usize, row_bytes: usize, resident: usize) -> usize {
+    let pieces = row_bytes / (32 * 16);
     let mut wpr = 1;
-    while wpr < 8 && rows * wpr < 8192 && pieces >= 2 * wpr {
+    while wpr < 8 && rows * wpr * 2 <= resident && pieces >= 2 * wpr {
         wpr *= 2;
     }
     wpr
@@ -781,12 +869,14 @@ impl Engine for CudaEngine {
     }
 
     fn describe(&self) -> String {
-        format!(
-            "cuda:{} {} ({})",
-            self.dev.ordinal,
-            self.precision.suffix(),
-            self.dev.name
-        )
+        let weights = self.format.label();
+        let acts = self.precision.suffix();
+        let what = if weights == acts {
+            weights
+        } else {
+            format!("{weights} weights, {acts} activations")
+        };
+        format!("cuda:{} {what} ({})", self.dev.ordinal, self.dev.name)
     }
 
     fn add_sequence(&mut self) -> SeqId {
@@ -987,6 +1077,11 @@ impl Engine for CudaEngine {
             q: self.scratch("q", cap * c * 4)?,
             att: self.scratch("att", cap * c * es)?,
             product: self.scratch("product", cap * (3 * c).max(inner) * 4)?,
+            dequantized: if self.w.has_quantized() && rows > GEMV_MAX_ROWS {
+                self.scratch("dequantized", DeviceModel::largest_matrix(&cfg) * es)?
+            } else {
+                0
+            },
             m: self.scratch("m", cap * inner * es)?,
             logits: self.scratch("logits", wcap * v * 4)?,
         };

@@ -85,6 +85,197 @@ struct BF16 {
     }
 };
 
+// How a weight matrix is stored (the W of the product kernels), as rows of 16-byte pieces:
+//   WFloat<S>  S::T elements, row-major [n, k] (16 / sizeof(T) a piece);
+//   Q8         int8 in groups of 32 along k, one f16 scale per group (half a group a piece);
+//   Q4         a group of 32 per piece: byte b holds element b in its low nibble and b + 16 in
+//              its high one, each stored as q + 8; one f16 scale per group.
+// Quantized rows are padded with zeros to whole groups (gpt2rs::quant's layout). Each format
+// gives a row's size, its pieces, the scalar `at` (embedding rows, dequantizing, odd widths)
+// and `fma`: one piece times R rows of activations, added into acc.
+__device__ __forceinline__ int groups32(int k) { return (k + 31) >> 5; }
+
+// Integers to floats without the conversion unit: the float with bits 0x4B000000 | u is
+// exactly 2^23 + u for u < 2^23.
+__device__ __forceinline__ float int8_value(unsigned int word, int b) {
+    unsigned int u = ((word >> (8 * b)) & 0xffu) ^ 0x80u;  // two's complement, offset by 128
+    return __uint_as_float(0x4B000000u | u) - 8388736.f;     // 2^23 + 128
+}
+__device__ __forceinline__ float int4_value(unsigned int word, int shift) {
+    return __uint_as_float(0x4B000000u | ((word >> shift) & 0xfu)) - 8388616.f;  // 2^23 + 8
+}
+
+// Packed pairs of f16 (f16x2 in a 32-bit register).
+__device__ __forceinline__ unsigned int h2_sub(unsigned int a, unsigned int b) {
+    unsigned int d;
+    asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+}
+__device__ __forceinline__ unsigned int h2_mul(unsigned int a, unsigned int b) {
+    unsigned int d;
+    asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+}
+__device__ __forceinline__ unsigned int h2_fma(unsigned int a, unsigned int b, unsigned int c) {
+    unsigned int d;
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+__device__ __forceinline__ float h2_sum(unsigned int h) {
+    float lo, hi;
+    asm("{.reg .b16 l, h;\n\tmov.b32 {l, h}, %2;\n\tcvt.f32.f16 %0, l;\n\tcvt.f32.f16 %1, h;}"
+        : "=f"(lo), "=f"(hi)
+        : "r"(h));
+    return lo + hi;
+}
+
+// The integer formats' weights as f16 pairs, exactly: the f16 with bits 0x6400 | u is 1024 + u
+// for u < 1024, so a byte (or nibble) moved under 0x64 and 1024 + its offset subtracted is
+// its value; times the group's scale it is the weight rounded to f16, as an f16 model holds
+// it. Each run of 16 products is summed in f16 pairs (8 terms a half, weights × activations
+// of order one), then added to the f32 accumulators: a third of the instructions of
+// converting every value to f32, which the integer kernels were bound by.
+template <int R, int PAIRS>
+__device__ __forceinline__ void fma_pairs(const unsigned int* w2, const unsigned int* x2,
+                                          float* acc, int r) {
+    unsigned int h = 0;
+#pragma unroll
+    for (int q = 0; q < PAIRS; q++) h = h2_fma(w2[q], x2[q], h);
+    acc[r] += h2_sum(h);
+}
+
+template <class S>
+struct WFloat {
+    typedef typename S::T T;
+    static const int E = 16 / sizeof(T);  // values per piece
+    static __device__ __forceinline__ size_t row_bytes(int k) { return (size_t)k * sizeof(T); }
+    static __device__ __forceinline__ int pieces(int k) { return k / E; }
+    static __device__ __forceinline__ bool vec(int k) { return k % E == 0; }
+    static __device__ __forceinline__ float at(const unsigned char* w, const unsigned short*,
+                                               int j, int i, int k) {
+        return S::load(((const T*)w)[(size_t)j * k + i]);
+    }
+    template <class A, int R>
+    static __device__ __forceinline__ void fma(uint4 piece, int p, const unsigned short*,
+                                               const typename A::T* x, int k, float* acc) {
+        typedef typename A::T X;
+        const T* wt = (const T*)&piece;
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            uint4 xv = *(const uint4*)(x + (size_t)r * k + p * E);
+            const X* xt = (const X*)&xv;
+#pragma unroll
+            for (int q = 0; q < E; q++) acc[r] += S::load(wt[q]) * A::load(xt[q]);
+        }
+    }
+};
+
+// The integer formats run with f16 activations (A = F16).
+struct Q8 {
+    static const int E = 16;
+    static __device__ __forceinline__ size_t row_bytes(int k) { return (size_t)groups32(k) * 32; }
+    static __device__ __forceinline__ int pieces(int k) { return groups32(k) * 2; }
+    // Whole groups only: a padded last group would read past the activations' row.
+    static __device__ __forceinline__ bool vec(int k) { return k % 32 == 0; }
+    static __device__ __forceinline__ float at(const unsigned char* w, const unsigned short* s,
+                                               int j, int i, int k) {
+        size_t g = (size_t)j * groups32(k) + (i >> 5);
+        return F16::load(s[g]) * (float)((const signed char*)w)[g * 32 + (i & 31)];
+    }
+    static __device__ __forceinline__ void unpack(uint4 piece, int p, const unsigned short* srow,
+                                                  float* v) {
+        unsigned int wv[4] = {piece.x, piece.y, piece.z, piece.w};
+        float d = F16::load(srow[p >> 1]);
+#pragma unroll
+        for (int q = 0; q < 16; q++) v[q] = d * int8_value(wv[q >> 2], q & 3);
+    }
+    template <class A, int R>
+    static __device__ __forceinline__ void fma(uint4 piece, int p, const unsigned short* srow,
+                                               const unsigned short* x, int k, float* acc) {
+        unsigned int s = __ldg(srow + (p >> 1)), d2 = s | (s << 16);
+        unsigned int wv[4] = {piece.x, piece.y, piece.z, piece.w};
+        unsigned int w2[8];  // values (0, 1), (2, 3), ... of the piece
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            unsigned int u = wv[q] ^ 0x80808080u;  // each byte offset by 128
+            w2[2 * q] = h2_mul(h2_sub(__byte_perm(u, 0x64646464u, 0x4140), 0x64806480u), d2);
+            w2[2 * q + 1] = h2_mul(h2_sub(__byte_perm(u, 0x64646464u, 0x4342), 0x64806480u), d2);
+        }
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const uint4* xr = (const uint4*)(x + (size_t)r * k + p * 16);
+            uint4 a = xr[0], b = xr[1];
+            unsigned int x2[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+            fma_pairs<R, 8>(w2, x2, acc, r);
+        }
+    }
+};
+
+struct Q4 {
+    static const int E = 32;
+    static __device__ __forceinline__ size_t row_bytes(int k) { return (size_t)groups32(k) * 16; }
+    static __device__ __forceinline__ int pieces(int k) { return groups32(k); }
+    static __device__ __forceinline__ bool vec(int k) { return k % 32 == 0; }
+    static __device__ __forceinline__ float at(const unsigned char* w, const unsigned short* s,
+                                               int j, int i, int k) {
+        size_t g = (size_t)j * groups32(k) + (i >> 5);
+        int e = i & 31;
+        unsigned int b = w[g * 16 + (e & 15)];
+        return F16::load(s[g]) * int4_value(b, e < 16 ? 0 : 4);
+    }
+    static __device__ __forceinline__ void unpack(uint4 piece, int p, const unsigned short* srow,
+                                                  float* v) {
+        unsigned int wv[4] = {piece.x, piece.y, piece.z, piece.w};
+        float d = F16::load(srow[p]);
+#pragma unroll
+        for (int b = 0; b < 16; b++) {
+            v[b] = d * int4_value(wv[b >> 2], 8 * (b & 3));
+            v[b + 16] = d * int4_value(wv[b >> 2], 8 * (b & 3) + 4);
+        }
+    }
+    template <class A, int R>
+    static __device__ __forceinline__ void fma(uint4 piece, int p, const unsigned short* srow,
+                                               const unsigned short* x, int k, float* acc) {
+        unsigned int s = __ldg(srow + p), d2 = s | (s << 16);
+        unsigned int wv[4] = {piece.x, piece.y, piece.z, piece.w};
+        // Word q holds values 4q..4q+3 in its low nibbles and 16 + those in its high ones;
+        // masking two nibbles 16 bits apart gives the pairs (4q, 4q+2) and (4q+1, 4q+3).
+        unsigned int w2[16];
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+#pragma unroll
+            for (int t = 0; t < 4; t++) {  // shifts 0, 8: low nibbles; 4, 12: high ones
+                int shift = (t & 1) * 8 + (t >> 1) * 4;
+                unsigned int v = ((wv[q] >> shift) & 0x000F000Fu) | 0x64006400u;
+                w2[(t >> 1) * 8 + 2 * q + (t & 1)] = h2_mul(h2_sub(v, 0x64086408u), d2);
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const uint4* xr = (const uint4*)(x + (size_t)r * k + p * 32);
+            unsigned int xw[16];
+#pragma unroll
+            for (int h = 0; h < 4; h++) {
+                uint4 v = xr[h];
+                xw[4 * h] = v.x, xw[4 * h + 1] = v.y, xw[4 * h + 2] = v.z, xw[4 * h + 3] = v.w;
+            }
+            // The activations in the same pairs: (4q, 4q+2), (4q+1, 4q+3), then 16 on.
+            unsigned int x2[16];
+#pragma unroll
+            for (int half = 0; half < 2; half++) {
+#pragma unroll
+                for (int q = 0; q < 4; q++) {
+                    unsigned int a = xw[half * 8 + 2 * q], b = xw[half * 8 + 2 * q + 1];
+                    x2[half * 8 + 2 * q] = __byte_perm(a, b, 0x5410);
+                    x2[half * 8 + 2 * q + 1] = __byte_perm(a, b, 0x7632);
+                }
+            }
+            fma_pairs<R, 8>(w2, x2, acc, r);
+            fma_pairs<R, 8>(w2 + 8, x2 + 8, acc, r);
+        }
+    }
+};
+
 // Sum (or max) over the block; blockDim.x a multiple of 32. `red` holds 32 floats.
 __device__ float block_sum(float v, float* red) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
@@ -110,14 +301,46 @@ __device__ float block_max(float v, float* red) {
 
 // x[r] = wte[tokens[r]] + wpe[pos[r]]; one block per row. Also clears the pass's n_picks
 // pick keys (the LM head's matrix-vector kernel takes their maximum).
-template <class S>
-__device__ void embed(const int* tokens, const int* pos, const typename S::T* wte,
-                      const float* wpe, float* x, int c, unsigned long long* picks, int n_picks) {
-    int r = blockIdx.x;
+template <class W>
+__device__ void embed(const int* tokens, const int* pos, const unsigned char* wte,
+                      const unsigned short* wte_scales, const float* wpe, float* x, int c,
+                      unsigned long long* picks, int n_picks) {
+    int r = blockIdx.x, t = tokens[r];
     if (r == 0 && (int)threadIdx.x < n_picks) picks[threadIdx.x] = 0;
-    const typename S::T* te = wte + (size_t)tokens[r] * c;
     const float* pe = wpe + (size_t)pos[r] * c;
-    for (int i = threadIdx.x; i < c; i += blockDim.x) x[(size_t)r * c + i] = S::load(te[i]) + pe[i];
+    for (int i = threadIdx.x; i < c; i += blockDim.x)
+        x[(size_t)r * c + i] = W::at(wte, wte_scales, t, i, c) + pe[i];
+}
+
+// out[j, i] = w[j, i] in S::T, [n, k] row-major: a quantized matrix for cuBLAS (passes of more
+// rows than the matrix-vector kernels take), in f16 (S = F16). One thread per 16-byte piece.
+template <class S, class W>
+__device__ void dequantize(const unsigned char* w, const unsigned short* scales, int n, int k,
+                           typename S::T* out) {
+    int pieces = W::pieces(k);
+    for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < (long long)n * pieces;
+         t += (long long)gridDim.x * blockDim.x) {
+        int j = (int)(t / pieces), p = (int)(t % pieces);
+        uint4 piece = __ldg((const uint4*)(w + (size_t)j * W::row_bytes(k)) + p);
+        float v[W::E];
+        W::unpack(piece, p, scales + (size_t)j * groups32(k), v);
+        typename S::T* o = out + (size_t)j * k + p * W::E;
+        if (W::vec(k)) {
+            // Whole pieces of f16: 16-byte stores.
+#pragma unroll
+            for (int e = 0; e < W::E; e += 8) {
+                uint4 h;
+                unsigned short* hs = (unsigned short*)&h;
+#pragma unroll
+                for (int q = 0; q < 8; q++) hs[q] = S::store(v[e + q]);
+                *(uint4*)(o + e) = h;
+            }
+        } else {
+#pragma unroll
+            for (int e = 0; e < W::E; e++)
+                if (p * W::E + e < k) o[e] = S::store(v[e]);
+        }
+    }
 }
 
 // One block per output row r, reading row src = (rows ? rows[r] : r) of x:
@@ -349,24 +572,26 @@ __device__ __forceinline__ void epilogue(const Epi<S>& e, float v, int r, int j,
     }
 }
 
-// x · wᵀ for r < R rows of x, j < n rows of w ([n, k] row-major), in S::T with f32
+// x · wᵀ for r < R rows of x (S::T, [R, k]), j < n rows of w (format W, see WFloat), with f32
 // accumulation, through `epilogue`: decode's matrix-vector products, each weight read once
-// (16-byte loads) for all R rows. `wpr` warps (1, 2, 4 or 8) share a weight row, each summing
+// (16-byte pieces) for all R rows. `wpr` warps (1, 2, 4 or 8) share a weight row, each summing
 // every wpr-th piece of it, so a matrix with few long rows still has enough loads in flight;
 // blocks of 256 threads hold 8 / wpr rows.
-template <class S, int R>
-__device__ void gemv(const typename S::T* __restrict__ x, const typename S::T* __restrict__ w,
-                     int n, int k, int wpr, const Epi<S>& e) {
-    typedef typename S::T T;
-    const int V = 16 / sizeof(T);
+template <class S, class W, int R>
+__device__ void gemv(const typename S::T* __restrict__ x, const unsigned char* __restrict__ w,
+                     const unsigned short* __restrict__ scales, int n, int k, int wpr,
+                     const Epi<S>& e) {
     __shared__ float red[8 * R];
     __shared__ float fin[8][R];
     pdl_launch_next();
     int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     int j = blockIdx.x * (8 / wpr) + warp / wpr, slice = warp % wpr;
-    bool live = j < n, vec = k % V == 0;
-    const T* wr = w + (size_t)(live ? j : 0) * k;
-    int step = wpr * 32 * V, first = (slice * 32 + lane) * V;
+    bool live = j < n, vec = W::vec(k);
+    int jr = live ? j : 0;
+    const uint4* wr = (const uint4*)(w + (size_t)jr * W::row_bytes(k));
+    // The row's scales (quantized formats; unused otherwise).
+    const unsigned short* sr = scales + (size_t)jr * groups32(k);
+    int pieces = W::pieces(k), step = wpr * 32, first = slice * 32 + lane;
     // The first pieces of this warp's share of the row are read before waiting for x (the
     // previous kernel's output), so they stream in while that kernel finishes.
     const int PRE = 4;
@@ -375,7 +600,7 @@ __device__ void gemv(const typename S::T* __restrict__ x, const typename S::T* _
 #pragma unroll
         for (int p = 0; p < PRE; p++) {
             int i = first + p * step;
-            if (i < k) pre[p] = __ldg((const uint4*)(wr + i));
+            if (i < pieces) pre[p] = __ldg(wr + i);
         }
     }
     pdl_wait();
@@ -384,26 +609,17 @@ __device__ void gemv(const typename S::T* __restrict__ x, const typename S::T* _
 #pragma unroll
     for (int r = 0; r < R; r++) acc[r] = 0.f;
     if (live && vec) {
-        auto fma_piece = [&](uint4 wv, int i) {
-            const T* wt = (const T*)&wv;
-#pragma unroll
-            for (int r = 0; r < R; r++) {
-                uint4 xv = *(const uint4*)(x + (size_t)r * k + i);
-                const T* xt = (const T*)&xv;
-#pragma unroll
-                for (int q = 0; q < V; q++) acc[r] += S::load(wt[q]) * S::load(xt[q]);
-            }
-        };
 #pragma unroll
         for (int p = 0; p < PRE; p++) {
             int i = first + p * step;
-            if (i < k) fma_piece(pre[p], i);
+            if (i < pieces) W::template fma<S, R>(pre[p], i, sr, x, k, acc);
         }
 #pragma unroll 4
-        for (int i = first + PRE * step; i < k; i += step) fma_piece(__ldg((const uint4*)(wr + i)), i);
+        for (int i = first + PRE * step; i < pieces; i += step)
+            W::template fma<S, R>(__ldg(wr + i), i, sr, x, k, acc);
     } else if (live) {
         for (int i = slice * 32 + lane; i < k; i += wpr * 32) {
-            float wf = S::load(wr[i]);
+            float wf = W::at(w, scales, j, i, k);
 #pragma unroll
             for (int r = 0; r < R; r++) acc[r] += wf * S::load(x[(size_t)r * k + i]);
         }
@@ -476,19 +692,27 @@ __device__ void epilogue_rows(const float* y, int rows, int n, const Epi<S>& e) 
             picks, pick_inv_t, pick_seeds                                                         \
     }
 
-#define GEMV(S, name, R)                                                                      \
-    extern "C" __global__ void gemv##R##_##name(                                              \
-        const S::T* x, const S::T* w, int n, int k, int wpr, EPI_PARAMS(S)) {                 \
-        gemv<S, R>(x, w, n, k, wpr, EPI_VALUE(S));                                            \
+// The kernels of a weight format W with activations S, named for the format.
+#define GEMV(S, W, name, R)                                                                   \
+    extern "C" __global__ void gemv##R##_##name(const S::T* x, const unsigned char* w,        \
+                                                const unsigned short* scales, int n, int k,   \
+                                                int wpr, EPI_PARAMS(S)) {                     \
+        gemv<S, W, R>(x, w, scales, n, k, wpr, EPI_VALUE(S));                                 \
     }
-
-#define INSTANTIATE(S, name)                                                                  \
+#define WEIGHT_KERNELS(S, W, name)                                                            \
     extern "C" __global__ void embed_##name(const int* tokens, const int* pos,                \
-                                            const S::T* wte, const float* wpe, float* x,      \
-                                            int c, unsigned long long* picks, int n_picks) {  \
+                                            const unsigned char* wte,                         \
+                                            const unsigned short* wte_scales,                 \
+                                            const float* wpe, float* x, int c,                \
+                                            unsigned long long* picks, int n_picks) {         \
         PDL_START();                                                                          \
-        embed<S>(tokens, pos, wte, wpe, x, c, picks, n_picks);                                \
+        embed<W>(tokens, pos, wte, wte_scales, wpe, x, c, picks, n_picks);                    \
     }                                                                                         \
+    GEMV(S, W, name, 1) GEMV(S, W, name, 2) GEMV(S, W, name, 3) GEMV(S, W, name, 4)           \
+    GEMV(S, W, name, 5) GEMV(S, W, name, 6) GEMV(S, W, name, 7) GEMV(S, W, name, 8)
+
+// The kernels of activations in S, named for it.
+#define INSTANTIATE(S, name)                                                                  \
     extern "C" __global__ void layernorm_##name(const float* x, const int* rows,              \
                                                 const float* gamma, const float* beta,        \
                                                 S::T* out, int c, float eps) {                \
@@ -519,9 +743,17 @@ INSTANTIATE(F32, f32)
 INSTANTIATE(F16, f16)
 INSTANTIATE(BF16, bf16)
 
-#define GEMVS(S, name) \
-    GEMV(S, name, 1) GEMV(S, name, 2) GEMV(S, name, 3) GEMV(S, name, 4) \
-    GEMV(S, name, 5) GEMV(S, name, 6) GEMV(S, name, 7) GEMV(S, name, 8)
-GEMVS(F32, f32)
-GEMVS(F16, f16)
-GEMVS(BF16, bf16)
+WEIGHT_KERNELS(F32, WFloat<F32>, f32)
+WEIGHT_KERNELS(F16, WFloat<F16>, f16)
+WEIGHT_KERNELS(BF16, WFloat<BF16>, bf16)
+// Integer weights run with f16 activations (and KV cache), and expand into f16 for cuBLAS.
+#define QUANT_KERNELS(W, name)                                                                \
+    WEIGHT_KERNELS(F16, W, name)                                                              \
+    extern "C" __global__ void dequantize_##name(const unsigned char* w,                      \
+                                                 const unsigned short* scales, int n, int k,  \
+                                                 F16::T* out) {                               \
+        PDL_START();                                                                          \
+        dequantize<F16, W>(w, scales, n, k, out);                                             \
+    }
+QUANT_KERNELS(Q8, q8)
+QUANT_KERNELS(Q4, q4)

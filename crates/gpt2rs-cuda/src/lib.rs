@@ -7,10 +7,12 @@
 //! the engine there fails with a message that says so. Kernels are CUDA C (`kernels.cu`)
 //! compiled by NVRTC for the GPU present and cached under `~/.cache/gpt2rs`.
 //!
-//! Status: f32, f16 and bf16 weights; the whole forward pass on the GPU, checked against the
-//! CPU engine on the device machine; decode steps replay CUDA graphs. Not yet: int8/int4
-//! weights on the GPU, sampling on the device, a flash-decoding attention kernel (see
-//! docs/benchmarks.md). [`probe`] measures a GPU's ceilings for `gpt2rs bench`.
+//! Status: f32, f16 and bf16 weights, and int8 / int4 kept in gpt2rs::quant's packed groups
+//! (f16 activations); the whole forward pass on the GPU, checked against the CPU engine on
+//! the device machine; decode steps replay CUDA graphs; greedy and temperature picks on the
+//! device. Not yet: top-k / top-p on the device, a flash-decoding attention kernel, a tiled
+//! prefill attention (see docs/benchmarks.md). [`probe`] measures a GPU's ceilings for
+//! `gpt2rs bench`.
 
 mod device;
 mod engine;

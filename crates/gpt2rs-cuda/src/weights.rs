@@ -1,6 +1,7 @@
-//! The model's weights on the GPU: every matrix in one element type ([`Precision`]), as the
-//! engine's `[out, in]` row-major layout (cuBLAS reads it as the transposed column-major
-//! matrix); biases, norms and position embeddings in f32.
+//! The model's weights on the GPU: every matrix in the engine's `[out, in]` row-major layout
+//! (cuBLAS reads it as the transposed column-major matrix), either in the activations' element
+//! type ([`Precision`]) or, for int8 / int4, in gpt2rs::quant's packed groups with their f16
+//! scales, exactly as the CPU holds them; biases, norms and position embeddings in f32.
 
 use crate::device::{device_err, Device};
 use cudarc::cublas::sys::cudaDataType_t;
@@ -8,9 +9,10 @@ use cudarc::driver::{CudaSlice, DevicePtr};
 use gpt2rs::config::Gpt2Config;
 use gpt2rs::quant::{DType, QData, QMatrix};
 use gpt2rs::weights::{ModelWeights, Norm};
-use gpt2rs::{Error, Result};
+use gpt2rs::Result;
 
-/// The element type of the matrices, the GEMM inputs and the KV cache.
+/// The element type of the activations that feed the matrix products, of the KV cache, and of
+/// the matrices unless they are int8 / int4.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Precision {
     F32,
@@ -19,19 +21,14 @@ pub enum Precision {
 }
 
 impl Precision {
-    /// The precision for weights stored as `dtype`, or why there is none yet.
+    /// The precision for weights stored as `dtype`: their own for the float formats, f16
+    /// for int8 and int4 (weight-only formats; products accumulate in f32).
     pub fn for_dtype(dtype: DType) -> Result<Self> {
-        match dtype {
-            DType::F32 => Ok(Self::F32),
-            DType::F16 => Ok(Self::F16),
-            DType::Bf16 => Ok(Self::Bf16),
-            DType::Int8 | DType::Int4 => Err(Error::Device(format!(
-                "{} weights are not supported by the cuda backend yet (it runs f32, f16 and \
-                 bf16); use --dtype f16, or --device cpu for {}",
-                dtype.name(),
-                dtype.name()
-            ))),
-        }
+        Ok(match dtype {
+            DType::F32 => Self::F32,
+            DType::F16 | DType::Int8 | DType::Int4 => Self::F16,
+            DType::Bf16 => Self::Bf16,
+        })
     }
 
     /// Bytes per element.
@@ -60,16 +57,65 @@ impl Precision {
     }
 }
 
-/// A matrix on the GPU: `rows × cols` elements of the model's precision.
+/// How a matrix is stored on the GPU (the weight format `W` of kernels.cu's product kernels).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MatrixFormat {
+    /// Elements of the engine's precision.
+    Float(Precision),
+    Int8,
+    Int4,
+}
+
+impl MatrixFormat {
+    /// The suffix of this format's product and embedding kernels in `kernels.cu`.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Self::Float(p) => p.suffix(),
+            Self::Int8 => "q8",
+            Self::Int4 => "q4",
+        }
+    }
+
+    pub fn is_quantized(self) -> bool {
+        !matches!(self, Self::Float(_))
+    }
+
+    /// The format a matrix stored as `stored` takes on a GPU running in `p`: int8 / int4
+    /// stay as they are, float formats become `p`.
+    pub fn on_gpu(stored: DType, p: Precision) -> Self {
+        match stored {
+            DType::Int8 => Self::Int8,
+            DType::Int4 => Self::Int4,
+            _ => Self::Float(p),
+        }
+    }
+
+    /// Bytes of a `[rows, cols]` matrix in this format.
+    fn bytes(self, rows: usize, cols: usize) -> u64 {
+        match self {
+            Self::Float(p) => (rows * cols * p.size()) as u64,
+            Self::Int8 => DType::Int8.matrix_bytes(rows, cols),
+            Self::Int4 => DType::Int4.matrix_bytes(rows, cols),
+        }
+    }
+}
+
+/// A `rows × cols` weight matrix on the GPU.
 pub struct DeviceMatrix {
     pub rows: usize,
     pub cols: usize,
+    pub format: MatrixFormat,
     data: DeviceData,
 }
 
 enum DeviceData {
     F32(CudaSlice<f32>),
     Half(CudaSlice<u16>),
+    /// int8 values or int4 nibble bytes, and an f16 scale per group of 32.
+    Quant {
+        q: CudaSlice<u8>,
+        scales: CudaSlice<u16>,
+    },
 }
 
 impl DeviceMatrix {
@@ -78,28 +124,40 @@ impl DeviceMatrix {
         let s = &dev.stream;
         let err = device_err("copying weights to the GPU");
         let data = match (&m.data, p) {
-            (QData::F32(d), Precision::F32) => DeviceData::F32(s.clone_htod(&d[..]).map_err(err)?),
+            (QData::Int8 { q, scales }, _) => {
+                // SAFETY: i8 and u8 have the same size and every byte pattern is valid for both.
+                let bytes = unsafe { std::slice::from_raw_parts(q.as_ptr() as *const u8, q.len()) };
+                DeviceData::Quant {
+                    q: s.clone_htod(bytes).map_err(&err)?,
+                    scales: s.clone_htod(&scales[..]).map_err(&err)?,
+                }
+            }
+            (QData::Int4 { q, scales }, _) => DeviceData::Quant {
+                q: s.clone_htod(&q[..]).map_err(&err)?,
+                scales: s.clone_htod(&scales[..]).map_err(&err)?,
+            },
+            (QData::F32(d), Precision::F32) => DeviceData::F32(s.clone_htod(&d[..]).map_err(&err)?),
             (QData::F16(d), Precision::F16) | (QData::Bf16(d), Precision::Bf16) => {
-                DeviceData::Half(s.clone_htod(&d[..]).map_err(err)?)
+                DeviceData::Half(s.clone_htod(&d[..]).map_err(&err)?)
             }
             // A head kept in another format (e.g. f32 while the blocks are f16): convert.
             _ => {
                 let f = m.dequantize().data;
                 match p {
-                    Precision::F32 => DeviceData::F32(s.clone_htod(&f).map_err(err)?),
+                    Precision::F32 => DeviceData::F32(s.clone_htod(&f).map_err(&err)?),
                     Precision::F16 => {
                         let h: Vec<u16> = f
                             .iter()
                             .map(|&v| half::f16::from_f32(v).to_bits())
                             .collect();
-                        DeviceData::Half(s.clone_htod(&h).map_err(err)?)
+                        DeviceData::Half(s.clone_htod(&h).map_err(&err)?)
                     }
                     Precision::Bf16 => {
                         let h: Vec<u16> = f
                             .iter()
                             .map(|&v| half::bf16::from_f32(v).to_bits())
                             .collect();
-                        DeviceData::Half(s.clone_htod(&h).map_err(err)?)
+                        DeviceData::Half(s.clone_htod(&h).map_err(&err)?)
                     }
                 }
             }
@@ -107,15 +165,34 @@ impl DeviceMatrix {
         Ok(Self {
             rows: m.rows,
             cols: m.cols,
+            format: MatrixFormat::on_gpu(m.dtype(), p),
             data,
         })
     }
 
-    /// The raw device address.
+    /// The raw device address of the elements (the packed values when quantized).
     pub fn ptr(&self, dev: &Device) -> u64 {
         match &self.data {
             DeviceData::F32(d) => d.device_ptr(&dev.stream).0,
             DeviceData::Half(d) => d.device_ptr(&dev.stream).0,
+            DeviceData::Quant { q, .. } => q.device_ptr(&dev.stream).0,
+        }
+    }
+
+    /// The device address of the group scales, 0 for a float matrix.
+    pub fn scales_ptr(&self, dev: &Device) -> u64 {
+        match &self.data {
+            DeviceData::Quant { scales, .. } => scales.device_ptr(&dev.stream).0,
+            _ => 0,
+        }
+    }
+
+    /// Bytes of one stored row (scales aside).
+    pub fn row_bytes(&self) -> usize {
+        match self.format {
+            MatrixFormat::Float(p) => self.cols * p.size(),
+            MatrixFormat::Int8 => gpt2rs::quant::groups(self.cols) * 32,
+            MatrixFormat::Int4 => gpt2rs::quant::groups(self.cols) * 16,
         }
     }
 }
@@ -176,20 +253,47 @@ pub struct DeviceModel {
 }
 
 impl DeviceModel {
-    /// Bytes the model takes on the GPU in precision `p`.
-    pub fn bytes(w: &ModelWeights, p: Precision) -> u64 {
-        Self::bytes_for(&w.config, w.lm_head.is_some(), p)
+    /// Bytes `w` takes on the GPU.
+    pub fn bytes(w: &ModelWeights) -> Result<u64> {
+        let p = Precision::for_dtype(w.format.dtype)?;
+        Ok(Self::bytes_for(
+            &w.config,
+            w.lm_head.is_some(),
+            MatrixFormat::on_gpu(w.format.dtype, p),
+            MatrixFormat::on_gpu(w.format.head_dtype(), p),
+        ))
     }
 
-    /// Bytes a model of shape `c` takes on the GPU in precision `p`, with or without a
-    /// separate LM head.
-    pub fn bytes_for(c: &Gpt2Config, separate_head: bool, p: Precision) -> u64 {
-        let matrices = (c.vocab_size * c.n_embd) as u64 * if separate_head { 2 } else { 1 }
-            + c.n_layer as u64 * (4 * c.n_embd * c.n_embd + 2 * c.n_embd * c.n_inner) as u64;
-        let vectors = (c.n_positions * c.n_embd
-            + 2 * c.n_embd
-            + c.n_layer * (9 * c.n_embd + c.n_inner)) as u64;
-        matrices * p.size() as u64 + vectors * 4
+    /// Bytes a model of shape `c` takes on the GPU with its blocks' matrices in `blocks` and
+    /// the token embedding (and LM head, tied or separate) in `head`.
+    pub fn bytes_for(
+        c: &Gpt2Config,
+        separate_head: bool,
+        blocks: MatrixFormat,
+        head: MatrixFormat,
+    ) -> u64 {
+        let (e, inner) = (c.n_embd, c.n_inner);
+        let layer = blocks.bytes(3 * e, e)
+            + blocks.bytes(e, e)
+            + blocks.bytes(inner, e)
+            + blocks.bytes(e, inner);
+        let heads = if separate_head { 2 } else { 1 };
+        let vectors = (c.n_positions * e + 2 * e + c.n_layer * (9 * e + inner)) as u64;
+        heads * head.bytes(c.vocab_size, e) + c.n_layer as u64 * layer + vectors * 4
+    }
+
+    /// Elements of the largest matrix (what a quantized one is dequantized into for cuBLAS).
+    pub fn largest_matrix(c: &Gpt2Config) -> usize {
+        (c.vocab_size * c.n_embd)
+            .max(3 * c.n_embd * c.n_embd)
+            .max(c.n_inner * c.n_embd)
+    }
+
+    /// Whether any matrix is int8 / int4.
+    pub fn has_quantized(&self) -> bool {
+        self.wte.format.is_quantized()
+            || self.lm_head().format.is_quantized()
+            || self.layers.iter().any(|l| l.qkv.w.format.is_quantized())
     }
 
     pub fn upload(dev: &Device, w: &ModelWeights, p: Precision) -> Result<Self> {

@@ -7,9 +7,6 @@ use anyhow::{bail, Result};
 use gpt2rs::memory::Bytes;
 use gpt2rs::quant::DType;
 
-/// The precisions the CUDA backend runs (gpt2rs_cuda::Precision::for_dtype accepts these).
-pub const CUDA_DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::Bf16];
-
 /// A backend to measure: the CPU, or GPU number N.
 pub type Backend = Device;
 
@@ -103,18 +100,6 @@ pub fn label(b: Backend) -> String {
     match b {
         Backend::Cpu => "cpu".into(),
         Backend::Cuda(n) => format!("cuda:{n}"),
-    }
-}
-
-/// Why `b` does not run `dtype`, if it does not.
-pub fn unsupported(b: Backend, dtype: DType) -> Option<String> {
-    match b {
-        Backend::Cpu => None,
-        Backend::Cuda(_) if CUDA_DTYPES.contains(&dtype) => None,
-        Backend::Cuda(_) => Some(format!(
-            "{} weights run on the CPU only so far (the cuda backend runs f32, f16 and bf16)",
-            dtype.name()
-        )),
     }
 }
 
@@ -250,29 +235,6 @@ mod tests {
         );
         let (b, notes) = select(&[], &[], why, true).unwrap();
         assert_eq!((b.len(), notes.len()), (1, 0), "no GPU, no note: {notes:?}");
-    }
-
-    #[test]
-    fn quantized_rows_are_skipped_on_the_gpu_with_the_reason() {
-        for d in DType::ALL {
-            assert_eq!(unsupported(Backend::Cpu, d), None);
-        }
-        assert_eq!(unsupported(Backend::Cuda(0), DType::F16), None);
-        let why = unsupported(Backend::Cuda(0), DType::Int4).unwrap();
-        assert!(why.contains("int4") && why.contains("CPU only"), "{why}");
-        assert!(unsupported(Backend::Cuda(1), DType::Int8).is_some());
-    }
-
-    #[cfg(feature = "cuda")]
-    #[test]
-    fn gpu_dtypes_are_what_the_cuda_crate_accepts() {
-        for d in DType::ALL {
-            assert_eq!(
-                gpt2rs_cuda::Precision::for_dtype(d).is_ok(),
-                unsupported(Backend::Cuda(0), d).is_none(),
-                "{d:?}"
-            );
-        }
     }
 
     #[test]

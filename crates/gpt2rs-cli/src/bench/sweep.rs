@@ -178,9 +178,6 @@ impl Group<'_> {
                 bar.inc(1);
             }
         };
-        if let Some(why) = backend::unsupported(self.backend, self.dtype) {
-            return skip_all(why, rows);
-        }
         // Host memory before building anything: the weights (on the way to the GPU, for GPU
         // rows) plus, on the CPU, the largest KV cache of the plan.
         let max_ctx = match self.backend {
