@@ -507,7 +507,8 @@ impl CudaEngine {
             LaunchConfig {
                 grid_dim: (rows as u32, 1, 1),
                 block_dim: (ROW_THREADS, 1, 1),
-                // The row stays in shared memory between the passes.
+                // What of the row its threads' registers do not hold stays in shared memory
+                // between the passes (rows wider than 8 × 256).
                 shared_mem_bytes: (c * 4) as u32,
             },
             &[

@@ -344,32 +344,62 @@ __device__ void dequantize(const unsigned char* w, const unsigned short* scales,
 }
 
 // One block per output row r, reading row src = (rows ? rows[r] : r) of x:
-// out[r] = layernorm(x[src]) · gamma + beta in S::T. The row is kept in shared memory (c
-// floats, dynamic) between the passes. (Residual adds happen in the products' epilogues.)
+// out[r] = layernorm(x[src]) · gamma + beta in S::T. Each thread keeps up to LN_HELD of the
+// row's values (and their gamma, beta, read before waiting on the previous kernel: they are
+// weights) in registers between the passes; wider rows keep the rest in shared memory (c
+// floats, dynamic). (Residual adds happen in the products' epilogues.)
+#define LN_HELD 8
 template <class S>
 __device__ void layernorm(const float* __restrict__ x, const int* __restrict__ rows,
                           const float* __restrict__ gamma, const float* __restrict__ beta,
                           typename S::T* __restrict__ out, int c, float eps) {
     extern __shared__ float row[];
     __shared__ float red[32];
+    int tid = threadIdx.x, bd = blockDim.x;
+    float g[LN_HELD], b[LN_HELD], v[LN_HELD];
+#pragma unroll
+    for (int e = 0; e < LN_HELD; e++) {
+        int i = tid + e * bd;
+        g[e] = i < c ? gamma[i] : 0.f;
+        b[e] = i < c ? beta[i] : 0.f;
+    }
+    pdl_launch_next();
+    pdl_wait();
     int r = blockIdx.x;
     int src = rows ? rows[r] : r;
     const float* xr = x + (size_t)src * c;
+    int held = LN_HELD * bd;
     float s = 0.f;
-    for (int i = threadIdx.x; i < c; i += blockDim.x) {
-        float v = xr[i];
-        row[i] = v;
-        s += v;
+#pragma unroll
+    for (int e = 0; e < LN_HELD; e++) {
+        int i = tid + e * bd;
+        v[e] = i < c ? xr[i] : 0.f;
+        s += v[e];
+    }
+    for (int i = held + tid; i < c; i += bd) {
+        row[i] = xr[i];
+        s += row[i];
     }
     float mean = block_sum(s, red) / c;
     float q = 0.f;
-    for (int i = threadIdx.x; i < c; i += blockDim.x) {
+#pragma unroll
+    for (int e = 0; e < LN_HELD; e++) {
+        float d = tid + e * bd < c ? v[e] - mean : 0.f;
+        q += d * d;
+    }
+    for (int i = held + tid; i < c; i += bd) {
         float d = row[i] - mean;
         q += d * d;
     }
     float inv = rsqrtf(block_sum(q, red) / c + eps);
-    for (int i = threadIdx.x; i < c; i += blockDim.x)
-        out[(size_t)r * c + i] = S::store((row[i] - mean) * inv * gamma[i] + beta[i]);
+    typename S::T* o = out + (size_t)r * c;
+#pragma unroll
+    for (int e = 0; e < LN_HELD; e++) {
+        int i = tid + e * bd;
+        if (i < c) o[i] = S::store((v[e] - mean) * inv * g[e] + b[e]);
+    }
+    for (int i = held + tid; i < c; i += bd)
+        o[i] = S::store((row[i] - mean) * inv * gamma[i] + beta[i]);
 }
 
 // softmax(q · Kᵀ) · V for head blockIdx.x of row blockIdx.y over its cache positions
@@ -716,7 +746,6 @@ __device__ void epilogue_rows(const float* y, int rows, int n, const Epi<S>& e) 
     extern "C" __global__ void layernorm_##name(const float* x, const int* rows,              \
                                                 const float* gamma, const float* beta,        \
                                                 S::T* out, int c, float eps) {                \
-        PDL_START();                                                                          \
         layernorm<S>(x, rows, gamma, beta, out, c, eps);                                      \
     }                                                                                         \
     extern "C" __global__ void attention_##name(const float* q,                               \
