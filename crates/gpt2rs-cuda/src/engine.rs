@@ -30,8 +30,13 @@ use std::ffi::c_void;
 const ROW_THREADS: u32 = 256;
 /// Threads per block of the matrix-vector kernels (8 warps; kernels.cu's gemv assumes it).
 const GEMV_THREADS: u32 = 256;
-/// Threads per block of the attention kernel (one block per row and head).
+/// Threads per block of the attention kernel (one block per head and group of query rows).
 const ATTENTION_THREADS: u32 = 256;
+/// Query rows of one sequence that share an attention block in passes with prompt chunks
+/// (each key and value is read once for all of them); decode rows go one to a block.
+const ATTENTION_GROUP: usize = 8;
+/// Shared memory a kernel may use without opting in.
+const DEFAULT_SHARED_BYTES: usize = 48 << 10;
 /// Up to this many rows, matrix products run as our matrix-vector kernels (each weight read
 /// once for all rows); more go to cuBLAS.
 const GEMV_MAX_ROWS: usize = 8;
@@ -117,6 +122,11 @@ struct Pass {
     caches: u64,
     /// Per row, the positions its sequence's cache has room for.
     caps: u64,
+    /// Attention's groups of query rows: (first row, count) pairs, `n_groups` of them, each
+    /// up to `group` consecutive rows of one sequence.
+    groups: u64,
+    n_groups: usize,
+    group: usize,
     wanted_rows: u64,
     x: u64,
     h: u64,
@@ -177,7 +187,8 @@ struct Kernels {
     /// Per matrix format the model holds (the blocks', and the head's when it differs).
     matrices: Vec<(MatrixFormat, MatrixKernels)>,
     layernorm: CudaFunction,
-    attention: CudaFunction,
+    /// Query rows per block 1 (decode) and ATTENTION_GROUP (prompts).
+    attention: [CudaFunction; 2],
     epilogue_rows: CudaFunction,
     argmax: CudaFunction,
 }
@@ -194,7 +205,7 @@ impl Kernels {
         Ok(Self {
             matrices,
             layernorm: f("layernorm")?,
-            attention: f("attention")?,
+            attention: [f("attention1")?, f(&format!("attention{ATTENTION_GROUP}"))?],
             epilogue_rows: f("epilogue_rows")?,
             argmax: f("argmax")?,
         })
@@ -331,7 +342,7 @@ impl CudaEngine {
         Ok(MemoryNeeded {
             weights: DeviceModel::bytes_for(config, !config.tie_word_embeddings, format, format),
             kv_cache: sequences as u64 * cache_bytes(config, p),
-            scratch: (cap * per_row + cap * 36 + logits + dequantized) as u64
+            scratch: (cap * per_row + cap * META_BYTES_PER_ROW + logits + dequantized) as u64
                 + CUBLAS_WORKSPACE as u64,
         })
     }
@@ -587,14 +598,11 @@ impl CudaEngine {
             Activation::Relu => 2,
         };
         let attention_cfg = LaunchConfig {
-            grid_dim: (cfg.n_head as u32, rows as u32, 1),
+            grid_dim: (cfg.n_head as u32, p.n_groups as u32, 1),
             block_dim: (ATTENTION_THREADS, 1, 1),
-            shared_mem_bytes: ((cfg.n_positions
-                + 8 * ATTENTION_THREADS as usize
-                + 32
-                + cfg.head_dim())
-                * 4) as u32,
+            shared_mem_bytes: attention_shared_bytes(cfg, p.group) as u32,
         };
+        let attention = &k.attention[usize::from(p.group > 1)];
         for (l, lw) in w.layers.iter().enumerate() {
             let mut scale = if cfg.scale_attn_weights {
                 1.0 / (cfg.head_dim() as f32).sqrt()
@@ -613,13 +621,14 @@ impl CudaEngine {
             self.layernorm(p, &lw.ln_1, rows, 0)?;
             self.gemm(p, p.h, rows, &lw.qkv.w, qkv)?;
             self.launch(
-                &k.attention,
+                attention,
                 attention_cfg,
                 &[
                     Arg::Ptr(q),
                     Arg::Ptr(p.caches),
                     Arg::Ptr(p.pos),
                     Arg::Ptr(p.caps),
+                    Arg::Ptr(p.groups),
                     Arg::Ptr(att),
                     Arg::Int(ci),
                     Arg::Int(cfg.n_head as i32),
@@ -838,6 +847,14 @@ fn warps_per_row(rows: usize, row_bytes: usize, resident: usize) -> usize {
     wpr
 }
 
+/// Bytes of the per-pass inputs per row of scratch (see `forward`).
+const META_BYTES_PER_ROW: usize = 44;
+
+/// Shared memory of the attention kernel with `group` query rows per block.
+fn attention_shared_bytes(c: &Gpt2Config, group: usize) -> usize {
+    (group * c.n_positions + 8 * ATTENTION_THREADS as usize + 32 + group * c.head_dim()) * 4
+}
+
 /// GPU memory an engine needs, by what it holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryNeeded {
@@ -1042,9 +1059,29 @@ impl Engine for CudaEngine {
         // (and the CUDA graphs that point into them) from step to step.
         let cap = rows.next_power_of_two().max(64);
         let wcap = wanted.len().next_power_of_two();
+        // Attention's groups of query rows: consecutive rows of one entry, up to
+        // ATTENTION_GROUP of them when the pass carries a prompt chunk (and they fit in
+        // shared memory), else one each.
+        let group = if batch.iter().any(|e| e.tokens.len() > 1)
+            && attention_shared_bytes(&cfg, ATTENTION_GROUP) <= DEFAULT_SHARED_BYTES
+        {
+            ATTENTION_GROUP
+        } else {
+            1
+        };
+        let mut groups: Vec<i32> = vec![];
+        let mut row = 0;
+        for e in batch {
+            for chunk in (0..e.tokens.len()).step_by(group) {
+                let count = group.min(e.tokens.len() - chunk);
+                groups.extend([(row + chunk) as i32, count as i32]);
+            }
+            row += e.tokens.len();
+        }
         // The per-row inputs in one copy: caches and pick seeds (u64), then tokens, positions,
-        // wanted rows, cache capacities (i32) and picks' 1 / temperature (f32).
-        let mut packed = vec![0u8; cap * 36];
+        // wanted rows, cache capacities (i32), picks' 1 / temperature (f32) and attention's
+        // groups (two i32 each, at most one per row).
+        let mut packed = vec![0u8; cap * META_BYTES_PER_ROW];
         let (longs, ints) = packed.split_at_mut(cap * 16);
         for (part, values) in longs.chunks_exact_mut(cap * 8).zip([&caches, &pick_seeds]) {
             for (dst, v) in part.chunks_exact_mut(8).zip(values) {
@@ -1052,6 +1089,10 @@ impl Engine for CudaEngine {
             }
         }
         let inv_t_bits: Vec<i32> = pick_inv_t.iter().map(|v| v.to_bits() as i32).collect();
+        let (ints, group_bytes) = ints.split_at_mut(cap * 20);
+        for (dst, v) in group_bytes.chunks_exact_mut(4).zip(&groups) {
+            dst.copy_from_slice(&v.to_ne_bytes());
+        }
         for (part, values) in
             ints.chunks_exact_mut(cap * 4)
                 .zip([&tokens, &pos, &wanted, &caps, &inv_t_bits])
@@ -1073,6 +1114,9 @@ impl Engine for CudaEngine {
             wanted_rows: meta + (cap * 24) as u64,
             caps: meta + (cap * 28) as u64,
             pick_inv_t: meta + (cap * 32) as u64,
+            groups: meta + (cap * 36) as u64,
+            n_groups: groups.len() / 2,
+            group,
             x: self.scratch("x", cap * c * 4)?,
             h: self.scratch("h", cap * c * es)?,
             q: self.scratch("q", cap * c * 4)?,

@@ -402,90 +402,151 @@ __device__ void layernorm(const float* __restrict__ x, const int* __restrict__ r
         o[i] = S::store((row[i] - mean) * inv * gamma[i] + beta[i]);
 }
 
-// softmax(q · Kᵀ) · V for head blockIdx.x of row blockIdx.y over its cache positions
-// 0..=pos[r]. Every position is independent work: one thread per position for the scores
-// (the head's key read in 16-byte pieces), then threads in groups of d/V covering a value row,
-// each group summing every groups-th position, so the loads of all positions are in flight
-// together instead of one chain per thread.
-// Shared memory (floats): n_ctx scores, 8·blockDim.x partial sums, 32 for reductions, d for q.
-template <class S>
+// The sum (or max) of v over the wpr warps that share group g (warps g·wpr .. g·wpr + wpr - 1),
+// in each of them; every thread of the block calls it. `red` holds one float per warp.
+__device__ float group_reduce(float v, float* red, int g, int wpr, bool is_max) {
+    for (int o = 16; o > 0; o >>= 1) {
+        float other = __shfl_xor_sync(FULL_MASK, v, o);
+        v = is_max ? fmaxf(v, other) : v + other;
+    }
+    __syncthreads();  // red is free
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+    __syncthreads();
+    float r = red[g * wpr];
+    for (int i = 1; i < wpr; i++) r = is_max ? fmaxf(r, red[g * wpr + i]) : r + red[g * wpr + i];
+    return r;
+}
+
+// softmax(q · Kᵀ) · V for head blockIdx.x of the query rows of group blockIdx.y: up to G
+// consecutive rows of one sequence (groups[2y] = its first row, groups[2y + 1] = how many),
+// row r over its cache positions 0..=pos[r]. Each key and value row is read once for the
+// whole group (a prompt's rows share them: grouping 8 cuts a long prefill's cache reads 8×).
+// Scores: one thread per position (the head's key in 16-byte pieces). Softmax: 8 / G warps
+// per row. Values: threads in groups of d/V covering a value row, each group summing every
+// groups-th position, so the loads of all positions are in flight together.
+// Shared memory (floats): G·n_ctx scores, 8·blockDim.x partial sums, 32 for reductions, G·d
+// for q. blockDim.x is 256 (8 warps, G ≤ 8).
+template <class S, int G>
 __device__ void attention(const float* q, const unsigned long long* caches, const int* pos,
-                          const int* caps, typename S::T* out, int c, int n_head, int layer,
-                          int n_layer, int n_ctx) {
+                          const int* caps, const int* groups, typename S::T* out, int c,
+                          int n_head, int layer, int n_layer, int n_ctx) {
     typedef typename S::T T;
     const int V = 16 / sizeof(T);
     extern __shared__ float smem[];
-    int h = blockIdx.x, r = blockIdx.y, tid = threadIdx.x, bd = blockDim.x;
-    int d = c / n_head, n = pos[r] + 1;
+    __shared__ float inv_z[G];
+    int h = blockIdx.x, tid = threadIdx.x, bd = blockDim.x;
+    int first = groups[2 * blockIdx.y], count = groups[2 * blockIdx.y + 1];
+    int d = c / n_head, n = pos[first + count - 1] + 1;  // the last row sees the most
     float* scores = smem;
-    float* part = scores + n_ctx;
+    float* part = scores + G * n_ctx;
     float* red = part + 8 * bd;
     float* qs = red + 32;
-    size_t cap = caps[r];
-    const T* keys = (const T*)caches[r] + (size_t)layer * cap * c + h * d;
+    size_t cap = caps[first];
+    const T* keys = (const T*)caches[first] + (size_t)layer * cap * c + h * d;
     const T* values = keys + (size_t)n_layer * cap * c;
-    for (int i = tid; i < d; i += bd) qs[i] = q[(size_t)r * c + h * d + i];
+    for (int i = tid; i < G * d; i += bd) {
+        int g = i / d;
+        qs[i] = g < count ? q[(size_t)(first + g) * c + h * d + i % d] : 0.f;
+    }
     __syncthreads();
     // Vector loads need every head slice 16-byte aligned.
     bool vec = c % V == 0 && d % V == 0 && d / V <= bd;
 
     for (int s = tid; s < n; s += bd) {
         const T* k = keys + (size_t)s * c;
-        float acc = 0.f;
+        float acc[G];
+#pragma unroll
+        for (int g = 0; g < G; g++) acc[g] = 0.f;
         if (vec) {
             for (int i = 0; i < d; i += V) {
                 uint4 kv = *(const uint4*)(k + i);
                 const T* kt = (const T*)&kv;
 #pragma unroll
-                for (int e = 0; e < V; e++) acc += qs[i + e] * S::load(kt[e]);
+                for (int e = 0; e < V; e++) {
+                    float kf = S::load(kt[e]);
+#pragma unroll
+                    for (int g = 0; g < G; g++) acc[g] += qs[g * d + i + e] * kf;
+                }
             }
         } else {
-            for (int i = 0; i < d; i++) acc += qs[i] * S::load(k[i]);
+            for (int i = 0; i < d; i++) {
+                float kf = S::load(k[i]);
+#pragma unroll
+                for (int g = 0; g < G; g++) acc[g] += qs[g * d + i] * kf;
+            }
         }
-        scores[s] = acc;
+#pragma unroll
+        for (int g = 0; g < G; g++) scores[g * n_ctx + s] = acc[g];
     }
     __syncthreads();
-    float m = NEG_INF;
-    for (int s = tid; s < n; s += bd) m = fmaxf(m, scores[s]);
-    m = block_max(m, red);
-    float z = 0.f;
-    for (int s = tid; s < n; s += bd) {
-        float e = expf(scores[s] - m);
-        scores[s] = e;
-        z += e;
+    {
+        // Row g's softmax over its own positions; later positions (another row's) weigh 0.
+        int wpr = (bd >> 5) / G, g = (tid >> 5) / wpr, t0 = tid - g * wpr * 32, step = wpr * 32;
+        float* sg = scores + g * n_ctx;
+        int ng = g < count ? pos[first + g] + 1 : 0;
+        float m = NEG_INF;
+        for (int s = t0; s < ng; s += step) m = fmaxf(m, sg[s]);
+        m = group_reduce(m, red, g, wpr, true);
+        float z = 0.f;
+        for (int s = t0; s < n; s += step) {
+            float e = s < ng ? expf(sg[s] - m) : 0.f;
+            sg[s] = e;
+            z += e;
+        }
+        z = group_reduce(z, red, g, wpr, false);
+        if (t0 == 0) inv_z[g] = ng > 0 ? 1.f / z : 0.f;
     }
-    z = block_sum(z, red);  // ends past a barrier, so every score above is visible
-    float inv = 1.f / z;
+    __syncthreads();
     if (vec) {
-        int per_row = d / V, groups = bd / per_row;
-        int g = tid / per_row, col = (tid % per_row) * V;
-        float acc[8];  // V ≤ 8
+        int per_row = d / V, pgroups = bd / per_row;
+        int pg = tid / per_row, col = (tid % per_row) * V;
+        float acc[G][8];  // V ≤ 8
 #pragma unroll
-        for (int e = 0; e < 8; e++) acc[e] = 0.f;
-        if (g < groups) {
+        for (int g = 0; g < G; g++)
+#pragma unroll
+            for (int e = 0; e < 8; e++) acc[g][e] = 0.f;
+        if (pg < pgroups) {
 #pragma unroll 4
-            for (int s = g; s < n; s += groups) {
+            for (int s = pg; s < n; s += pgroups) {
                 uint4 vv = *(const uint4*)(values + (size_t)s * c + col);
                 const T* vt = (const T*)&vv;
-                float p = scores[s];
+                float vf[8];
 #pragma unroll
-                for (int e = 0; e < V; e++) acc[e] += p * S::load(vt[e]);
+                for (int e = 0; e < V; e++) vf[e] = S::load(vt[e]);
+#pragma unroll
+                for (int g = 0; g < G; g++) {
+                    float p = scores[g * n_ctx + s];
+#pragma unroll
+                    for (int e = 0; e < V; e++) acc[g][e] += p * vf[e];
+                }
             }
-#pragma unroll
-            for (int e = 0; e < V; e++) part[g * d + col + e] = acc[e];
         }
-        __syncthreads();
-        for (int i = tid; i < d; i += bd) {
-            float t = 0.f;
-            for (int j = 0; j < groups; j++) t += part[j * d + i];
-            out[(size_t)r * c + h * d + i] = S::store(t * inv);
+#pragma unroll
+        for (int g = 0; g < G; g++) {
+            __syncthreads();  // part is free
+            if (pg < pgroups) {
+#pragma unroll
+                for (int e = 0; e < V; e++) part[pg * d + col + e] = acc[g][e];
+            }
+            __syncthreads();
+            if (g < count) {
+                for (int i = tid; i < d; i += bd) {
+                    float t = 0.f;
+                    for (int j = 0; j < pgroups; j++) t += part[j * d + i];
+                    out[(size_t)(first + g) * c + h * d + i] = S::store(t * inv_z[g]);
+                }
+            }
         }
     } else {
-        for (int col = tid; col < d; col += bd) {
-            float acc = 0.f;
+        for (int g = 0; g < count; g++) {
+            int ng = pos[first + g] + 1;
+            for (int col = tid; col < d; col += bd) {
+                float acc = 0.f;
 #pragma unroll 4
-            for (int s = 0; s < n; s++) acc += scores[s] * S::load(values[(size_t)s * c + col]);
-            out[(size_t)r * c + h * d + col] = S::store(acc * inv);
+                for (int s = 0; s < ng; s++)
+                    acc += scores[g * n_ctx + s] * S::load(values[(size_t)s * c + col]);
+                out[(size_t)(first + g) * c + h * d + col] = S::store(acc * inv_z[g]);
+            }
         }
     }
 }
@@ -741,6 +802,14 @@ __device__ void epilogue_rows(const float* y, int rows, int n, const Epi<S>& e) 
     GEMV(S, W, name, 1) GEMV(S, W, name, 2) GEMV(S, W, name, 3) GEMV(S, W, name, 4)           \
     GEMV(S, W, name, 5) GEMV(S, W, name, 6) GEMV(S, W, name, 7) GEMV(S, W, name, 8)
 
+#define ATTENTION(S, name, G)                                                                 \
+    extern "C" __global__ void attention##G##_##name(                                         \
+        const float* q, const unsigned long long* caches, const int* pos, const int* caps,    \
+        const int* groups, S::T* out, int c, int n_head, int layer, int n_layer, int n_ctx) { \
+        PDL_START();                                                                          \
+        attention<S, G>(q, caches, pos, caps, groups, out, c, n_head, layer, n_layer, n_ctx); \
+    }
+
 // The kernels of activations in S, named for it.
 #define INSTANTIATE(S, name)                                                                  \
     extern "C" __global__ void layernorm_##name(const float* x, const int* rows,              \
@@ -748,14 +817,8 @@ __device__ void epilogue_rows(const float* y, int rows, int n, const Epi<S>& e) 
                                                 S::T* out, int c, float eps) {                \
         layernorm<S>(x, rows, gamma, beta, out, c, eps);                                      \
     }                                                                                         \
-    extern "C" __global__ void attention_##name(const float* q,                               \
-                                                const unsigned long long* caches,             \
-                                                const int* pos, const int* caps, S::T* out,   \
-                                                int c, int n_head, int layer, int n_layer,    \
-                                                int n_ctx) {                                  \
-        PDL_START();                                                                          \
-        attention<S>(q, caches, pos, caps, out, c, n_head, layer, n_layer, n_ctx);            \
-    }                                                                                         \
+    ATTENTION(S, name, 1)                                                                     \
+    ATTENTION(S, name, 8)                                                                     \
     extern "C" __global__ void argmax_##name(const float* logits, int first, int v,           \
                                              unsigned long long* picks, const float* inv_t,   \
                                              const unsigned long long* seeds) {               \
