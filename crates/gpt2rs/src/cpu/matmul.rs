@@ -58,10 +58,8 @@ pub fn linear(x: &[f32], rows: usize, w: &QMatrix, bias: Option<&[f32]>, out: &m
         tiles(isa, x, rows, w, bias, out);
     } else if rows <= STREAMING_MAX_ROWS {
         streaming(x, rows, w, bias, out);
-    } else if let QData::F32(data) = &w.data {
-        tiled(x, rows, data, n, k, bias, out);
     } else {
-        tiled_dequantized(x, rows, w, bias, out);
+        gemm_blocks(x, rows, w, bias, out);
     }
 }
 
@@ -167,35 +165,6 @@ fn tiles(
         });
 }
 
-fn tiled(
-    x: &[f32],
-    rows: usize,
-    w: &[f32],
-    n: usize,
-    k: usize,
-    bias: Option<&[f32]>,
-    out: &mut [f32],
-) {
-    if let Some(b) = bias {
-        for row in out.chunks_exact_mut(n) {
-            row.copy_from_slice(b);
-        }
-    }
-    // SAFETY: `out` is [rows, n], `x` is [rows, k] and `w` is [n, k], as checked by `linear`.
-    unsafe {
-        gemm_x_wt(
-            rows,
-            n,
-            k,
-            (out.as_mut_ptr(), n),
-            bias.is_some(),
-            x,
-            w,
-            gemm::Parallelism::Rayon(rayon::current_num_threads()),
-        )
-    };
-}
-
 /// `dst[t, j] (+)= Σ_kk x[t, kk] · w[j, kk]` for `t < rows`, `j < n`: the gemm crate's call for
 /// row-major `x` (`[rows, k]`) and weights (`[n, k]`, used transposed), into `dst` with row
 /// stride `dst.1`; adds to what `dst` holds when `accumulate`.
@@ -242,22 +211,32 @@ unsafe fn gemm_x_wt(
     }
 }
 
-/// Weight rows dequantized per task: 64 rows of gpt2-xl's widest input (6400) are 1.6 MB of
-/// f32, the size of a core's L2 on current CPUs; narrower matrices stay well inside it.
-const DEQUANT_BLOCK: usize = 64;
+/// Weight rows per task: 64 rows of gpt2-xl's widest input (6400) are 1.6 MB of f32, the size
+/// of a core's L2 on current CPUs; narrower matrices stay well inside it.
+const GEMM_BLOCK: usize = 64;
 
-fn tiled_dequantized(x: &[f32], rows: usize, w: &QMatrix, bias: Option<&[f32]>, out: &mut [f32]) {
+/// Many rows: the weights in blocks of GEMM_BLOCK rows, one task each (f32 used in place, the
+/// compact formats dequantized into a buffer that stays in cache), each block one
+/// single-threaded gemm call. For f32 this measured faster than one gemm call over the whole
+/// matrix with gemm's own threading (prefill_gemms example, gpt2 shapes, 128 rows).
+fn gemm_blocks(x: &[f32], rows: usize, w: &QMatrix, bias: Option<&[f32]>, out: &mut [f32]) {
     let (n, k) = (w.rows, w.cols);
     let out_ptr = OutPtr(out.as_mut_ptr());
-    (0..n.div_ceil(DEQUANT_BLOCK))
+    (0..n.div_ceil(GEMM_BLOCK))
         .into_par_iter()
         .for_each_init(Vec::new, |buf: &mut Vec<f32>, b| {
-            let (j0, j1) = (b * DEQUANT_BLOCK, ((b + 1) * DEQUANT_BLOCK).min(n));
+            let (j0, j1) = (b * GEMM_BLOCK, ((b + 1) * GEMM_BLOCK).min(n));
             let cols = j1 - j0;
-            buf.resize(cols * k, 0.0);
-            for (j, dst) in (j0..j1).zip(buf.chunks_exact_mut(k)) {
-                qdot::dequantize_row(w, j, dst);
-            }
+            let wb: &[f32] = match &w.data {
+                QData::F32(d) => &d[j0 * k..j1 * k],
+                _ => {
+                    buf.resize(cols * k, 0.0);
+                    for (j, dst) in (j0..j1).zip(buf.chunks_exact_mut(k)) {
+                        qdot::dequantize_row(w, j, dst);
+                    }
+                    buf
+                }
+            };
             let dst = out_ptr.get();
             if let Some(b) = bias {
                 for t in 0..rows {
@@ -266,7 +245,7 @@ fn tiled_dequantized(x: &[f32], rows: usize, w: &QMatrix, bias: Option<&[f32]>, 
                     row.copy_from_slice(&b[j0..j1]);
                 }
             }
-            // SAFETY: out[:, j0..j1] (row stride n) is this task's alone; buf is [cols, k].
+            // SAFETY: out[:, j0..j1] (row stride n) is this task's alone; wb is [cols, k].
             unsafe {
                 gemm_x_wt(
                     rows,
@@ -275,7 +254,7 @@ fn tiled_dequantized(x: &[f32], rows: usize, w: &QMatrix, bias: Option<&[f32]>, 
                     (dst.add(j0), n),
                     bias.is_some(),
                     x,
-                    buf,
+                    wb,
                     gemm::Parallelism::None,
                 )
             };
