@@ -1,10 +1,12 @@
 //! [`CudaEngine`]: GPT-2's forward pass on one GPU, behind the same [`Engine`] interface as the
 //! CPU backend (ragged batches, a KV cache per sequence).
 //!
-//! One pass, per layer: layer norm (fused with the previous residual add) → QKV GEMM → bias,
-//! K/V into each row's sequence cache → attention over the cache → output GEMM → residual +
-//! layer norm → MLP GEMM → bias + GELU → MLP GEMM. GEMMs are cuBLAS (inputs in the weights'
-//! precision, f32 accumulation and output); the rest are the kernels of `kernels.cu`.
+//! One pass, per layer: layer norm → QKV product (+ bias, q scaled, K/V stored into each row's
+//! sequence cache) → attention over the cache → output product (+ bias, added into the residual
+//! stream) → layer norm → MLP product (+ bias, GELU) → MLP product (+ bias, residual). Up to 8
+//! rows, products are kernels.cu's matrix-vector kernels with those epilogues fused (weights in
+//! f32/f16/bf16 or packed int8/int4); longer passes use cuBLAS (f32 accumulation; int8/int4
+//! matrices dequantized to f16 first) and an elementwise epilogue kernel.
 
 use crate::device::{device_err, Device, CUBLAS_WORKSPACE};
 use crate::weights::{DeviceMatrix, DeviceModel, MatrixFormat, Precision};
@@ -286,7 +288,8 @@ impl CudaEngine {
             });
         }
         let w = DeviceModel::upload(&dev, weights, precision)?;
-        let formats = [w.wte.format, w.lm_head().format, w.layers[0].qkv.w.format];
+        let mut formats = vec![w.wte.format, w.lm_head().format];
+        formats.extend(w.layers.first().map(|l| l.qkv.w.format));
         let kernels = Kernels::load(&dev, precision, &formats)?;
         // GPT2RS_CUDA_PDL=0 serializes kernels the ordinary way (for comparisons).
         let use_pdl = dev.major >= 9 && std::env::var("GPT2RS_CUDA_PDL").map_or(true, |v| v != "0");
