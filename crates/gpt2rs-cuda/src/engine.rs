@@ -111,10 +111,17 @@ impl Epilogue {
 /// Device addresses of one pass's inputs and scratch buffers, and its sizes.
 struct Pass {
     rows: usize,
-    /// Rows whose logits are computed: those that come back whole, then those picked here.
+    /// Rows whose logits are computed: those that come back whole, then those picked with
+    /// top-k / top-p (`filtered`), then the plain picks (`picks`).
     wanted: usize,
     /// The last `picks` of them are reduced to their argmax on the GPU (into `ids`).
     picks: usize,
+    /// Picks with top-k / top-p, from their logits rows by `pick_filtered`; their keys follow
+    /// the plain picks' in `ids`, and their parameters in the per-pick arrays.
+    filtered: usize,
+    /// Per pick: top-k (i32) and top-p (f32).
+    pick_top_k: u64,
+    pick_top_p: u64,
     ids: u64,
     /// Per picked row: 1 / temperature (0 for greedy, f32) and the noise seed (u64).
     pick_inv_t: u64,
@@ -193,6 +200,7 @@ struct Kernels {
     attention: [CudaFunction; 2],
     epilogue_rows: CudaFunction,
     argmax: CudaFunction,
+    pick_filtered: CudaFunction,
 }
 
 impl Kernels {
@@ -210,6 +218,7 @@ impl Kernels {
             attention: [f("attention1")?, f(&format!("attention{ATTENTION_GROUP}"))?],
             epilogue_rows: f("epilogue_rows")?,
             argmax: f("argmax")?,
+            pick_filtered: f("pick_filtered")?,
         })
     }
 
@@ -259,9 +268,9 @@ pub struct CudaEngine {
     seqs: HashMap<SeqId, Seq>,
     next_id: u64,
     scratch: Scratch,
-    /// Captured decode steps by (rows, rows with logits, of them picked on the GPU); they
+    /// Captured decode steps by (rows, rows with logits, plain picks, filtered picks); they
     /// point into `scratch`.
-    graphs: HashMap<(usize, usize, usize), CudaGraph>,
+    graphs: HashMap<(usize, usize, usize, usize), CudaGraph>,
     use_graphs: bool,
     /// Programmatic dependent launch (Hopper and later).
     use_pdl: bool,
@@ -666,6 +675,28 @@ impl CudaEngine {
             self.layernorm(p, &w.ln_f, p.wanted, p.wanted_rows)?;
             self.gemm(p, p.h, p.wanted, w.lm_head(), head)?;
         }
+        if p.filtered > 0 {
+            let full = p.wanted - p.picks - p.filtered;
+            let after = |base: u64, size: u64| base + p.picks as u64 * size;
+            self.launch(
+                &k.pick_filtered,
+                LaunchConfig {
+                    grid_dim: (p.filtered as u32, 1, 1),
+                    block_dim: (1024, 1, 1),
+                    shared_mem_bytes: 0,
+                },
+                &[
+                    Arg::Ptr(p.logits),
+                    Arg::Int(full as i32),
+                    Arg::Int(cfg.vocab_size as i32),
+                    Arg::Ptr(after(p.ids, 8)),
+                    Arg::Ptr(after(p.pick_inv_t, 4)),
+                    Arg::Ptr(after(p.pick_seeds, 8)),
+                    Arg::Ptr(after(p.pick_top_k, 4)),
+                    Arg::Ptr(after(p.pick_top_p, 4)),
+                ],
+            )?;
+        }
         Ok(())
     }
 
@@ -851,7 +882,7 @@ fn warps_per_row(rows: usize, row_bytes: usize, resident: usize) -> usize {
 }
 
 /// Bytes of the per-pass inputs per row of scratch (see `forward`).
-const META_BYTES_PER_ROW: usize = 44;
+const META_BYTES_PER_ROW: usize = 52;
 
 /// Shared memory of the attention kernel with `group` query rows per block.
 fn attention_shared_bytes(c: &Gpt2Config, group: usize) -> usize {
@@ -1042,18 +1073,41 @@ impl Engine for CudaEngine {
             wanted.extend(range);
         }
         let full = wanted.len();
-        wanted.extend(picked.iter().map(|&(_, row, _)| row));
-        // Per picked row: 1 / temperature (0: greedy) and the noise seed (see PickRule).
-        let (pick_inv_t, pick_seeds): (Vec<f32>, Vec<u64>) = picked
-            .iter()
-            .map(|&(_, _, rule)| match rule {
-                PickRule::Greedy => (0.0, 0),
+        // Plain picks (greedy, temperature) happen in the LM head's kernel; those with top-k /
+        // top-p need their logits rows first. Picks are numbered plain first, then filtered;
+        // rows are the full ones, then the filtered, then the plain.
+        let (plain, filtered): (Vec<_>, Vec<_>) =
+            picked.iter().partition(|&&(_, _, rule)| !rule.filters(v));
+        wanted.extend(filtered.iter().map(|&&(_, row, _)| row));
+        wanted.extend(plain.iter().map(|&&(_, row, _)| row));
+        let (n_plain, n_filtered) = (plain.len(), filtered.len());
+        let picked: Vec<(usize, i32, PickRule)> =
+            plain.into_iter().chain(filtered).copied().collect();
+        // Per pick: 1 / temperature (0: greedy), the noise seed, top-k and top-p (see PickRule).
+        let mut pick_inv_t = vec![];
+        let mut pick_seeds = vec![];
+        let mut pick_top_k = vec![];
+        let mut pick_top_p = vec![];
+        for &(_, _, rule) in &picked {
+            let (inv_t, seed, top_k, top_p) = match rule {
+                PickRule::Greedy => (0.0, 0, 0, 1.0),
                 PickRule::Sample {
                     temperature,
                     noise_seed,
-                } => (1.0 / temperature, noise_seed),
-            })
-            .unzip();
+                    top_k,
+                    top_p,
+                } => (
+                    1.0 / temperature,
+                    noise_seed,
+                    top_k.min(i32::MAX as u32) as i32,
+                    top_p,
+                ),
+            };
+            pick_inv_t.push(inv_t);
+            pick_seeds.push(seed);
+            pick_top_k.push(top_k);
+            pick_top_p.push(top_p);
+        }
         let rows = tokens.len();
         if rows == 0 {
             return Ok(Logits::new(v, vec![], &per_entry));
@@ -1082,8 +1136,8 @@ impl Engine for CudaEngine {
             row += e.tokens.len();
         }
         // The per-row inputs in one copy: caches and pick seeds (u64), then tokens, positions,
-        // wanted rows, cache capacities (i32), picks' 1 / temperature (f32) and attention's
-        // groups (two i32 each, at most one per row).
+        // wanted rows, cache capacities (i32), picks' 1 / temperature (f32), top-k (i32) and
+        // top-p (f32), and attention's groups (two i32 each, at most one per row).
         let mut packed = vec![0u8; cap * META_BYTES_PER_ROW];
         let (longs, ints) = packed.split_at_mut(cap * 16);
         for (part, values) in longs.chunks_exact_mut(cap * 8).zip([&caches, &pick_seeds]) {
@@ -1092,14 +1146,20 @@ impl Engine for CudaEngine {
             }
         }
         let inv_t_bits: Vec<i32> = pick_inv_t.iter().map(|v| v.to_bits() as i32).collect();
-        let (ints, group_bytes) = ints.split_at_mut(cap * 20);
+        let top_p_bits: Vec<i32> = pick_top_p.iter().map(|v| v.to_bits() as i32).collect();
+        let (ints, group_bytes) = ints.split_at_mut(cap * 28);
         for (dst, v) in group_bytes.chunks_exact_mut(4).zip(&groups) {
             dst.copy_from_slice(&v.to_ne_bytes());
         }
-        for (part, values) in
-            ints.chunks_exact_mut(cap * 4)
-                .zip([&tokens, &pos, &wanted, &caps, &inv_t_bits])
-        {
+        for (part, values) in ints.chunks_exact_mut(cap * 4).zip([
+            &tokens,
+            &pos,
+            &wanted,
+            &caps,
+            &inv_t_bits,
+            &pick_top_k,
+            &top_p_bits,
+        ]) {
             for (dst, v) in part.chunks_exact_mut(4).zip(values) {
                 dst.copy_from_slice(&v.to_ne_bytes());
             }
@@ -1108,7 +1168,10 @@ impl Engine for CudaEngine {
         let p = Pass {
             rows,
             wanted: wanted.len(),
-            picks: picked.len(),
+            picks: n_plain,
+            filtered: n_filtered,
+            pick_top_k: meta + (cap * 36) as u64,
+            pick_top_p: meta + (cap * 40) as u64,
             ids: self.scratch("ids", wcap * 8)?,
             caches: meta,
             pick_seeds: meta + (cap * 8) as u64,
@@ -1117,7 +1180,7 @@ impl Engine for CudaEngine {
             wanted_rows: meta + (cap * 24) as u64,
             caps: meta + (cap * 28) as u64,
             pick_inv_t: meta + (cap * 32) as u64,
-            groups: meta + (cap * 36) as u64,
+            groups: meta + (cap * 44) as u64,
             n_groups: groups.len() / 2,
             group,
             x: self.scratch("x", cap * c * 4)?,
@@ -1137,7 +1200,7 @@ impl Engine for CudaEngine {
         // the first time this batch shape is seen: one launch instead of ~10 per layer.
         let decode = batch.iter().all(|e| e.tokens.len() == 1);
         if decode && self.use_graphs && rows <= MAX_GRAPH_ROWS {
-            let key = (rows, wanted.len(), picked.len());
+            let key = (rows, wanted.len(), n_plain, n_filtered);
             if !self.graphs.contains_key(&key) {
                 let graph = self.capture(&p)?;
                 self.graphs.insert(key, graph);

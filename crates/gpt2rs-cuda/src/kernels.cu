@@ -563,19 +563,25 @@ __device__ __forceinline__ void warp_best(float& best, int& bi) {
     }
 }
 
-// picks[b] = pick_key of the best pick_score in row first + b of logits ([*, v] f32) and its
-// first index, as the host picks (NaN never wins); one block per row.
-__device__ void argmax_rows(const float* __restrict__ logits, int first, int v,
-                            unsigned long long* picks, const float* inv_t,
-                            const unsigned long long* seeds) {
+// Keeps every token (plain greedy or temperature picks).
+struct KeepAll {
+    __device__ __forceinline__ bool operator()(float, int) const { return true; }
+};
+
+// pick_key of the best pick_score among row's kept tokens (row b of the picked rows), as the
+// host picks (NaN never wins); the whole block calls it, and thread 0 gets the answer.
+template <class Keep>
+__device__ unsigned long long best_pick(const float* __restrict__ row, int v, int b,
+                                        const float* inv_t, const unsigned long long* seeds,
+                                        Keep keep) {
     __shared__ float best_v[32];
     __shared__ int best_i[32];
-    const float* row = logits + (size_t)(first + blockIdx.x) * v;
     float best = NEG_INF;
     int bi = 0x7fffffff;
     // Each thread walks its indices upwards, so a strict > keeps its first largest.
     for (int i = threadIdx.x; i < v; i += blockDim.x) {
-        float x = pick_score(row[i], blockIdx.x, i, inv_t, seeds);
+        if (!keep(row[i], i)) continue;
+        float x = pick_score(row[i], b, i, inv_t, seeds);
         if (x > best) {
             best = x;
             bi = i;
@@ -588,14 +594,206 @@ __device__ void argmax_rows(const float* __restrict__ logits, int first, int v,
         best_i[warp] = bi;
     }
     __syncthreads();
+    unsigned long long key = 0;
     if (warp == 0) {
         bool live = lane < (int)(blockDim.x >> 5);
         best = live ? best_v[lane] : NEG_INF;
         bi = live ? best_i[lane] : 0x7fffffff;
         warp_best(best, bi);
         // A row of nothing but -inf or NaN: the host's argmax answers 0 too.
-        if (lane == 0) picks[blockIdx.x] = bi == 0x7fffffff ? pick_key(NEG_INF, 0) : pick_key(best, bi);
+        key = bi == 0x7fffffff ? pick_key(NEG_INF, 0) : pick_key(best, bi);
     }
+    return key;
+}
+
+// picks[b] = the pick of row first + b of logits ([*, v] f32); one block per row.
+__device__ void argmax_rows(const float* __restrict__ logits, int first, int v,
+                            unsigned long long* picks, const float* inv_t,
+                            const unsigned long long* seeds) {
+    unsigned long long key = best_pick(logits + (size_t)(first + blockIdx.x) * v, v, blockIdx.x,
+                                       inv_t, seeds, KeepAll());
+    if (threadIdx.x == 0) picks[blockIdx.x] = key;
+}
+
+// exp(x) for x ≤ 0 in exactly the rounded steps of gpt2rs::pick::pick_exp (no contraction:
+// every product, difference and fused multiply-add is explicit), so host and GPU agree on
+// every bit of the probabilities top-p sums.
+__device__ __forceinline__ float pick_exp(float x) {
+    float t = __fmul_rn(x, __int_as_float(0x3FB8AA3B));  // log2(e)
+    float n = floorf(t);
+    if (!(n >= -126.f)) return 0.f;
+    float f = __fsub_rn(t, n);
+    float p = 1.5252734e-5f;
+    p = __fmaf_rn(p, f, 1.540353e-4f);
+    p = __fmaf_rn(p, f, 0.0013333558f);
+    p = __fmaf_rn(p, f, 0.009618129f);
+    p = __fmaf_rn(p, f, 0.05550411f);
+    p = __fmaf_rn(p, f, 0.2402265f);
+    p = __fmaf_rn(p, f, 0.6931472f);
+    p = __fmaf_rn(p, f, 1.0f);
+    return __fmul_rn(p, __int_as_float(((int)n + 127) << 23));
+}
+
+// A probability in units of 2^-24 (gpt2rs::pick::pick_mass); 0 below x = -18.
+__device__ __forceinline__ unsigned long long pick_mass(float x) {
+    return x >= -18.f ? __float2ull_rn(__fmul_rn(pick_exp(x), 16777216.f)) : 0ull;
+}
+
+// The kept set of a filtered pick (gpt2rs::pick::Kept): score bits ≥ score_min, order key ≥
+// key_min.
+struct KeepFiltered {
+    float inv;
+    unsigned int score_min;
+    unsigned long long key_min;
+    __device__ __forceinline__ bool operator()(float v, int j) const {
+        float s = __fmul_rn(v, inv);
+        unsigned long long key = pick_key(s, j);
+        return (unsigned int)(key >> 32) >= score_min && key >= key_min;
+    }
+};
+
+// Adds one token of mass q to bin d of the histogram for every lane with `in`; the whole warp
+// calls it together. Scores crowd into a few bins, so lanes with the same digit are combined
+// first: one atomic per distinct digit and warp (a warp's masses, each ≤ 2^24, fit 32 bits).
+__device__ __forceinline__ void histogram_add(unsigned int* counts, unsigned long long* masses,
+                                              bool in, unsigned int d, unsigned int q) {
+#if __CUDA_ARCH__ >= 800
+    unsigned int peers = __match_any_sync(FULL_MASK, in ? d : 0xffffffffu);
+    unsigned int sum = __reduce_add_sync(peers, q);
+    if (in && (int)(threadIdx.x & 31) == __ffs(peers) - 1) {
+        atomicAdd(&counts[d], (unsigned int)__popc(peers));
+        if (sum) atomicAdd(&masses[d], (unsigned long long)sum);
+    }
+#else
+    if (in) {
+        atomicAdd(&counts[d], 1u);
+        if (q) atomicAdd(&masses[d], (unsigned long long)q);
+    }
+#endif
+}
+
+// The largest digit d (8 bits at `shift`) for which `fits` holds of the running sums of the
+// block's histogram, scanned upwards; thread 0 scans, everyone gets d and the sums below it.
+// Radix selection: each round narrows the answer's prefix by 8 bits.
+__device__ void radix_round(const unsigned int* counts, const unsigned long long* masses,
+                            unsigned long long below_in, unsigned long long cut, int above_in,
+                            int k, bool by_mass, int* digit, unsigned long long* below_out,
+                            int* above_out) {
+    if (threadIdx.x == 0) {
+        if (by_mass) {
+            // top-p: the highest non-empty digit whose tokens below weigh at most the cut.
+            unsigned long long acc = below_in, chosen_below = below_in;
+            int chosen = 0;
+            for (int d = 0; d < 256; d++) {
+                if (counts[d] > 0 && acc <= cut) {
+                    chosen = d;
+                    chosen_below = acc;
+                }
+                acc += masses[d];
+            }
+            *digit = chosen;
+            *below_out = chosen_below;
+        } else {
+            // top-k: from the top, the digit where the count reaches k.
+            int above = above_in, chosen = 0;
+            for (int d = 255; d >= 0; d--) {
+                if (above + (int)counts[d] >= k) {
+                    chosen = d;
+                    break;
+                }
+                above += counts[d];
+            }
+            *digit = chosen;
+            *above_out = above;
+        }
+    }
+    __syncthreads();
+}
+
+// A pick with top-k / top-p (gpt2rs::pick::PickRule::Sample): row b of the picked rows is row
+// first + b of logits. top-k's threshold by radix selection of the k-th largest score's bits;
+// top-p's by radix selection over the order keys of the last token whose followers weigh at
+// most floor((1 - top_p) · total), masses in fixed point; then the Gumbel-max pick among the
+// kept tokens. One block per row, the row read from L2 once per round.
+__device__ void pick_filtered(const float* __restrict__ logits, int first, int v,
+                              unsigned long long* picks, const float* inv_t,
+                              const unsigned long long* seeds, const int* top_ks,
+                              const float* top_ps) {
+    __shared__ unsigned int counts[256];
+    __shared__ unsigned long long masses[256];
+    __shared__ float red[32];
+    __shared__ int digit, above;
+    __shared__ unsigned long long below, total;
+    int b = blockIdx.x, tid = threadIdx.x, bd = blockDim.x;
+    const float* row = logits + (size_t)(first + b) * v;
+    float inv = inv_t[b];
+    int k = top_ks[b];
+    float top_p = top_ps[b];
+    KeepFiltered keep{inv, 0u, 0ull};
+
+    if (k > 0 && k < v) {
+        unsigned int prefix = 0, mask = 0;
+        if (tid == 0) above = 0;
+        for (int shift = 24; shift >= 0; shift -= 8) {
+            for (int i = tid; i < 256; i += bd) counts[i] = 0;
+            __syncthreads();
+            // Warp-uniform trips: histogram_add needs every lane.
+            for (int base = 0; base < v; base += bd) {
+                int j = base + tid;
+                unsigned int u =
+                    j < v ? (unsigned int)(pick_key(__fmul_rn(row[j], inv), j) >> 32) : 0u;
+                bool in = j < v && (u & mask) == prefix;
+                histogram_add(counts, masses, in, (u >> shift) & 255, 0u);
+            }
+            __syncthreads();
+            radix_round(counts, masses, 0, 0, above, k, false, &digit, &below, &above);
+            prefix |= (unsigned int)digit << shift;
+            mask |= 255u << shift;
+            __syncthreads();  // digit and above read before the next round writes them
+        }
+        keep.score_min = prefix;
+    }
+    if (top_p < 1.f) {
+        float m = NEG_INF;
+        for (int j = tid; j < v; j += bd) m = fmaxf(m, __fmul_rn(row[j], inv));
+        m = block_max(m, red);
+        if (tid == 0) total = 0;
+        __syncthreads();
+        unsigned long long part = 0;
+        for (int j = tid; j < v; j += bd) {
+            float s = __fmul_rn(row[j], inv);
+            if (keep(row[j], j)) part += pick_mass(__fsub_rn(s, m));
+        }
+        atomicAdd(&total, part);
+        __syncthreads();
+        unsigned long long cut = (unsigned long long)floor((double)(1.f - top_p) * (double)total);
+        unsigned long long prefix = 0, mask = 0;
+        if (tid == 0) below = 0;
+        for (int shift = 56; shift >= 0; shift -= 8) {
+            for (int i = tid; i < 256; i += bd) {
+                counts[i] = 0;
+                masses[i] = 0;
+            }
+            __syncthreads();
+            for (int base = 0; base < v; base += bd) {
+                int j = base + tid;
+                float x = j < v ? row[j] : 0.f;
+                float s = __fmul_rn(x, inv);
+                unsigned long long key = pick_key(s, j);
+                bool in = j < v && (key & mask) == prefix && keep(x, j);
+                unsigned int q = in ? (unsigned int)pick_mass(__fsub_rn(s, m)) : 0u;
+                histogram_add(counts, masses, in, (unsigned int)(key >> shift) & 255, q);
+            }
+            __syncthreads();
+            radix_round(counts, masses, below, cut, 0, 0, true, &digit, &below, &above);
+            prefix |= (unsigned long long)digit << shift;
+            mask |= 255ull << shift;
+            __syncthreads();
+        }
+        keep.key_min = prefix;
+    }
+    unsigned long long key = best_pick(row, v, b, inv_t, seeds, keep);
+    if (tid == 0) picks[b] = key;
 }
 
 // GPT-2's activations: 0 gelu (tanh), 1 gelu (erf), 2 relu.
@@ -824,6 +1022,12 @@ __device__ void epilogue_rows(const float* y, int rows, int n, const Epi<S>& e) 
                                              const unsigned long long* seeds) {               \
         PDL_START();                                                                          \
         argmax_rows(logits, first, v, picks, inv_t, seeds);                                   \
+    }                                                                                         \
+    extern "C" __global__ void pick_filtered_##name(                                          \
+        const float* logits, int first, int v, unsigned long long* picks, const float* inv_t, \
+        const unsigned long long* seeds, const int* top_ks, const float* top_ps) {            \
+        PDL_START();                                                                          \
+        pick_filtered(logits, first, v, picks, inv_t, seeds, top_ks, top_ps);                 \
     }                                                                                         \
     extern "C" __global__ void epilogue_rows_##name(const float* y, int rows, int n,          \
                                                     EPI_PARAMS(S)) {                          \

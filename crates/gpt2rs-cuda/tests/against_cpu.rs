@@ -305,10 +305,12 @@ fn relative_error(want: &[f32], got: &[f32]) -> f64 {
 fn decode_batches_of_every_gemv_size_and_picks_made_on_the_gpu() {
     // gpt2-xl's width (1600 wide, 25 heads, 6400 inner) in two layers: decode batches of 1 to
     // 9 sequences (every matrix-vector kernel with its fused norm and epilogues, then cuBLAS)
-    // after prompts of awkward lengths, rows picked on the GPU (greedy, or sampled by the
-    // Gumbel-max rule) beside rows returning logits; in f32 (against the CPU engine's logits
-    // and PickRule::apply on them) and f16 (logits against the CPU's, picks against the rule
-    // applied to the GPU's own logits for a fork of the same sequence).
+    // after prompts of awkward lengths, rows picked on the GPU (greedy, sampled by the
+    // Gumbel-max rule, or sampled with top-k / top-p) beside rows returning logits; in f32
+    // (against the CPU engine's logits and PickRule::apply on them) and f16 (logits against
+    // the CPU's, picks against the rule applied to the GPU's own logits for a fork of the same
+    // sequence: the kept sets are decided in the same rounded steps on both, so they match
+    // exactly).
     let mut xl = Gpt2Config::preset("gpt2-xl").unwrap();
     xl.n_layer = 2;
     for (dtype, bound) in [(DType::F32, 1e-4), (DType::F16, 5e-3)] {
@@ -348,13 +350,17 @@ fn decode_batches(c: &mut dyn Engine, g: &mut dyn Engine, exact: bool) -> f64 {
         g.forward(&prefill(&gs)).unwrap();
         for step in 0..3u64 {
             let next = tokens(rows, vocab, 1000 + step);
-            // Rows rotate through: picked greedily, logits back, picked by sampling.
-            let kind = |i: usize| match (i + step as usize) % 3 {
+            // Rows rotate through: picked greedily, logits back, picked by sampling, picked by
+            // sampling with top-k (40) and / or top-p (0.9, 0.8) on the GPU.
+            let kind = |i: usize| match (i + step as usize) % 4 {
                 0 => LogitsFor::Pick(PickRule::Greedy),
                 1 => LogitsFor::Last,
+                2 => LogitsFor::Pick(PickRule::sample(0.8, 77 * i as u64 + step)),
                 _ => LogitsFor::Pick(PickRule::Sample {
-                    temperature: 0.8,
-                    noise_seed: 77 * i as u64 + step,
+                    temperature: 1.1,
+                    noise_seed: 31 * i as u64 + step,
+                    top_k: if i.is_multiple_of(2) { 40 } else { 0 },
+                    top_p: if i.is_multiple_of(2) { 0.9 } else { 0.8 },
                 }),
             };
             let batch = |seqs: &[gpt2rs::engine::SeqId], mixed: bool| -> Vec<BatchEntry<'_>> {

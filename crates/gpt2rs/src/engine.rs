@@ -27,56 +27,7 @@ pub enum LogitsFor {
     Pick(PickRule),
 }
 
-/// How a row's next token is chosen from its logits for [`LogitsFor::Pick`].
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum PickRule {
-    /// The most likely token (the first of equal ones, like greedy sampling).
-    Greedy,
-    /// A draw from softmax(logits / temperature) by the Gumbel-max trick: the token whose
-    /// `logit · (1 / temperature) + gumbel(pick_noise(noise_seed, token))` is largest. Every
-    /// backend draws the same noise, so a seed gives the same tokens on any of them (up to
-    /// float differences in the logits themselves).
-    Sample { temperature: f32, noise_seed: u64 },
-}
-
-impl PickRule {
-    /// The token this rule picks from a row of logits (the reference every engine matches).
-    pub fn apply(self, row: &[f32]) -> u32 {
-        match self {
-            Self::Greedy => crate::generate::sampling::argmax(row),
-            Self::Sample {
-                temperature,
-                noise_seed,
-            } => {
-                let inv = 1.0 / temperature;
-                let (mut best, mut best_score) = (0u32, f32::NEG_INFINITY);
-                for (j, &v) in row.iter().enumerate() {
-                    let score = v * inv + gumbel(pick_noise(noise_seed, j as u32));
-                    if score > best_score {
-                        best_score = score;
-                        best = j as u32;
-                    }
-                }
-                best
-            }
-        }
-    }
-}
-
-/// Uniform noise in (0, 1) for `token` under `seed`: splitmix64 of the pair, 24 bits (the same
-/// integer steps as `pick_noise` in the CUDA kernels).
-pub fn pick_noise(seed: u64, token: u32) -> f32 {
-    let mut z = seed.wrapping_add(u64::from(token + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    ((z >> 40) as f32 + 0.5) * (1.0 / 16_777_216.0)
-}
-
-/// A standard Gumbel variate from uniform `u`.
-pub fn gumbel(u: f32) -> f32 {
-    -(-u.ln()).ln()
-}
+pub use crate::pick::{gumbel, pick_noise, PickRule};
 
 /// One entry of a ragged batch.
 #[derive(Debug, Clone, Copy)]
@@ -200,10 +151,7 @@ mod tests {
             let mut counts = [0usize; 4];
             let n = 40_000;
             for seed in 0..n as u64 {
-                let rule = PickRule::Sample {
-                    temperature,
-                    noise_seed: seed.wrapping_mul(0x2545_F491_4F6C_DD1D),
-                };
+                let rule = PickRule::sample(temperature, seed.wrapping_mul(0x2545_F491_4F6C_DD1D));
                 counts[rule.apply(&row) as usize] += 1;
             }
             for (i, &c) in counts.iter().enumerate() {

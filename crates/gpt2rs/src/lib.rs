@@ -29,6 +29,7 @@ pub mod generate;
 pub mod hub;
 pub mod memory;
 pub mod model;
+pub mod pick;
 pub mod quant;
 pub mod scheduler;
 pub mod score;

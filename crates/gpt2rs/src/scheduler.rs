@@ -619,8 +619,8 @@ enum Next<R> {
 
 /// The rule by which an engine may pick a request's next token itself ([`LogitsFor::Pick`]:
 /// an engine on a device then brings back one id per row instead of a vocabulary of logits),
-/// when its draws read nothing else of the logits: greedy, or plain temperature sampling (no
-/// top-k or top-p, no repetition penalty, no log-probabilities). A sampled rule's noise comes
+/// when its draws read nothing else of the logits: greedy, or sampling at a temperature with
+/// top-k / top-p (no repetition penalty, no log-probabilities). A sampled rule's noise comes
 /// from the request's seed, the sample and the position, so a seed gives the same tokens
 /// whatever else runs in the batch and on whichever backend.
 fn pick_rule(req: &Request, sample: usize, position: usize) -> Option<PickRule> {
@@ -628,14 +628,15 @@ fn pick_rule(req: &Request, sample: usize, position: usize) -> Option<PickRule> 
     if req.top_logprobs.is_some() || p.repetition_penalty != 1.0 {
         return None;
     }
-    match p.temperature {
-        None => Some(PickRule::Greedy),
-        Some(temperature) if p.top_k == 0 && p.top_p >= 1.0 => Some(PickRule::Sample {
+    Some(match p.temperature {
+        None => PickRule::Greedy,
+        Some(temperature) => PickRule::Sample {
             temperature,
             noise_seed: noise_seed(req, sample, position),
-        }),
-        Some(_) => None,
-    }
+            top_k: p.top_k.min(u32::MAX as usize) as u32,
+            top_p: p.top_p,
+        },
+    })
 }
 
 /// The rule for the first new token, picked from the prompt's last row: with several samples
