@@ -9,9 +9,9 @@
 //!
 //! Status: f32, f16 and bf16 weights, and int8 / int4 kept in gpt2rs::quant's packed groups
 //! (f16 activations); the whole forward pass on the GPU, checked against the CPU engine on
-//! the device machine; decode steps replay CUDA graphs; greedy and temperature picks on the
-//! device. Not yet: top-k / top-p on the device, a flash-decoding attention kernel, a tiled
-//! prefill attention (see docs/benchmarks.md). [`probe`] measures a GPU's ceilings for
+//! the device machine; decode steps replay CUDA graphs; next-token picks on the device (greedy,
+//! temperature, top-k, top-p). Not yet: a flash-decoding attention kernel, a tiled prefill
+//! attention (see docs/benchmarks.md). [`probe`] measures a GPU's ceilings for
 //! `gpt2rs bench`.
 
 mod device;
