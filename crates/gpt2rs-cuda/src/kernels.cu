@@ -135,7 +135,7 @@ __device__ __forceinline__ float h2_sum(unsigned int h) {
 // it. Each run of 16 products is summed in f16 pairs (8 terms a half, weights × activations
 // of order one), then added to the f32 accumulators: a third of the instructions of
 // converting every value to f32, which the integer kernels were bound by.
-template <int R, int PAIRS>
+template <int PAIRS>
 __device__ __forceinline__ void fma_pairs(const unsigned int* w2, const unsigned int* x2,
                                           float* acc, int r) {
     unsigned int h = 0;
@@ -206,7 +206,7 @@ struct Q8 {
             const uint4* xr = (const uint4*)(x + (size_t)r * k + p * 16);
             uint4 a = xr[0], b = xr[1];
             unsigned int x2[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-            fma_pairs<R, 8>(w2, x2, acc, r);
+            fma_pairs<8>(w2, x2, acc, r);
         }
     }
 };
@@ -270,8 +270,8 @@ struct Q4 {
                     x2[half * 8 + 2 * q + 1] = __byte_perm(a, b, 0x7632);
                 }
             }
-            fma_pairs<R, 8>(w2, x2, acc, r);
-            fma_pairs<R, 8>(w2 + 8, x2 + 8, acc, r);
+            fma_pairs<8>(w2, x2, acc, r);
+            fma_pairs<8>(w2 + 8, x2 + 8, acc, r);
         }
     }
 };
