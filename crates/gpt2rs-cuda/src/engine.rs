@@ -37,6 +37,10 @@ const ATTENTION_THREADS: u32 = 256;
 /// Query rows of one sequence that share an attention block in passes with prompt chunks
 /// (each key and value is read once for all of them); decode rows go one to a block.
 const ATTENTION_GROUP: usize = 8;
+/// Query rows per block of the tensor-core attention for prompt chunks (kernels.cu's
+/// MMA_ROWS), which needs heads of this size (every GPT-2's).
+const ATTENTION_MMA_ROWS: usize = 64;
+const ATTENTION_MMA_HEAD: usize = 64;
 /// Shared memory a kernel may use without opting in.
 const DEFAULT_SHARED_BYTES: usize = 48 << 10;
 /// Up to this many rows, matrix products run as our matrix-vector kernels (each weight read
@@ -198,6 +202,8 @@ struct Kernels {
     layernorm: CudaFunction,
     /// Query rows per block 1 (decode) and ATTENTION_GROUP (prompts).
     attention: [CudaFunction; 2],
+    /// For prompts on the tensor cores (f16 / bf16 activations on sm_80 and later).
+    attention_mma: Option<CudaFunction>,
     epilogue_rows: CudaFunction,
     argmax: CudaFunction,
     pick_filtered: CudaFunction,
@@ -216,6 +222,9 @@ impl Kernels {
             matrices,
             layernorm: f("layernorm")?,
             attention: [f("attention1")?, f(&format!("attention{ATTENTION_GROUP}"))?],
+            attention_mma: (p != Precision::F32 && dev.major >= 8)
+                .then(|| f("attention_mma"))
+                .transpose()?,
             epilogue_rows: f("epilogue_rows")?,
             argmax: f("argmax")?,
             pick_filtered: f("pick_filtered")?,
@@ -274,6 +283,8 @@ pub struct CudaEngine {
     use_graphs: bool,
     /// Programmatic dependent launch (Hopper and later).
     use_pdl: bool,
+    /// See [`Self::uses_attention_mma`].
+    use_attention_mma: bool,
     /// Caches of finished sequences, by capacity, kept for the next ones (a new allocation
     /// per request costs a cudaMalloc and a memset on its first pass).
     spare: Vec<(usize, CudaSlice<u8>)>,
@@ -302,6 +313,9 @@ impl CudaEngine {
         let kernels = Kernels::load(&dev, precision, &formats)?;
         // GPT2RS_CUDA_PDL=0 serializes kernels the ordinary way (for comparisons).
         let use_pdl = dev.major >= 9 && std::env::var("GPT2RS_CUDA_PDL").map_or(true, |v| v != "0");
+        let use_attention_mma = kernels.attention_mma.is_some()
+            && weights.config.head_dim() == ATTENTION_MMA_HEAD
+            && std::env::var("GPT2RS_CUDA_ATTENTION_MMA").map_or(true, |v| v != "0");
         Ok(Self {
             dev,
             kernels,
@@ -316,6 +330,7 @@ impl CudaEngine {
             // GPT2RS_CUDA_GRAPHS=0 launches every kernel of every step (for comparisons).
             use_graphs: std::env::var("GPT2RS_CUDA_GRAPHS").map_or(true, |v| v != "0"),
             use_pdl,
+            use_attention_mma,
             spare: Vec::new(),
             pinned: None,
         })
@@ -609,12 +624,20 @@ impl CudaEngine {
             Activation::GeluErf => 1,
             Activation::Relu => 2,
         };
+        let on_mma = p.group == ATTENTION_MMA_ROWS && self.uses_attention_mma();
         let attention_cfg = LaunchConfig {
             grid_dim: (cfg.n_head as u32, p.n_groups as u32, 1),
-            block_dim: (ATTENTION_THREADS, 1, 1),
-            shared_mem_bytes: attention_shared_bytes(cfg, p.group) as u32,
+            block_dim: (if on_mma { 128 } else { ATTENTION_THREADS }, 1, 1),
+            shared_mem_bytes: if on_mma {
+                0
+            } else {
+                attention_shared_bytes(cfg, p.group) as u32
+            },
         };
-        let attention = &k.attention[usize::from(p.group > 1)];
+        let attention = match &k.attention_mma {
+            Some(mma) if on_mma => mma,
+            _ => &k.attention[usize::from(p.group > 1)],
+        };
         for (l, lw) in w.layers.iter().enumerate() {
             let mut scale = if cfg.scale_attn_weights {
                 1.0 / (cfg.head_dim() as f32).sqrt()
@@ -632,23 +655,26 @@ impl CudaEngine {
             };
             self.layernorm(p, &lw.ln_1, rows, 0)?;
             self.gemm(p, p.h, rows, &lw.qkv.w, qkv)?;
-            self.launch(
-                attention,
-                attention_cfg,
-                &[
-                    Arg::Ptr(q),
-                    Arg::Ptr(p.caches),
-                    Arg::Ptr(p.pos),
-                    Arg::Ptr(p.caps),
-                    Arg::Ptr(p.groups),
-                    Arg::Ptr(att),
-                    Arg::Int(ci),
+            let mut args = vec![
+                Arg::Ptr(q),
+                Arg::Ptr(p.caches),
+                Arg::Ptr(p.pos),
+                Arg::Ptr(p.caps),
+                Arg::Ptr(p.groups),
+                Arg::Ptr(att),
+                Arg::Int(ci),
+            ];
+            if on_mma {
+                args.extend([Arg::Int(l as i32), Arg::Int(cfg.n_layer as i32)]);
+            } else {
+                args.extend([
                     Arg::Int(cfg.n_head as i32),
                     Arg::Int(l as i32),
                     Arg::Int(cfg.n_layer as i32),
                     Arg::Int(cfg.n_positions as i32),
-                ],
-            )?;
+                ]);
+            }
+            self.launch(attention, attention_cfg, &args)?;
             let back = |bias: &crate::weights::DeviceVec| Epilogue::Residual {
                 bias: bias.ptr(dev),
                 x,
@@ -714,6 +740,12 @@ impl CudaEngine {
         graph
             .map_err(device_err("capturing the decode step's CUDA graph"))?
             .ok_or_else(|| Error::Device("capturing the decode step gave an empty graph".into()))
+    }
+
+    /// Whether prompt chunks' attention runs on the tensor cores (kernels.cu's attention_mma;
+    /// GPT2RS_CUDA_ATTENTION_MMA=0 keeps them on the grouped kernel, for comparisons).
+    fn uses_attention_mma(&self) -> bool {
+        self.use_attention_mma
     }
 
     /// A scratch buffer of at least `bytes`, by name.
@@ -1116,12 +1148,15 @@ impl Engine for CudaEngine {
         // (and the CUDA graphs that point into them) from step to step.
         let cap = rows.next_power_of_two().max(64);
         let wcap = wanted.len().next_power_of_two();
-        // Attention's groups of query rows: consecutive rows of one entry, up to
-        // ATTENTION_GROUP of them when the pass carries a prompt chunk (and they fit in
-        // shared memory), else one each.
-        let group = if batch.iter().any(|e| e.tokens.len() > 1)
-            && attention_shared_bytes(&cfg, ATTENTION_GROUP) <= DEFAULT_SHARED_BYTES
-        {
+        // Attention's groups of query rows: consecutive rows of one entry. When the pass
+        // carries a prompt chunk, up to ATTENTION_MMA_ROWS of them on the tensor cores, or
+        // ATTENTION_GROUP (when they fit in shared memory); else one each.
+        let chunked = batch.iter().any(|e| e.tokens.len() > 1);
+        let group = if !chunked {
+            1
+        } else if self.uses_attention_mma() {
+            ATTENTION_MMA_ROWS
+        } else if attention_shared_bytes(&cfg, ATTENTION_GROUP) <= DEFAULT_SHARED_BYTES {
             ATTENTION_GROUP
         } else {
             1

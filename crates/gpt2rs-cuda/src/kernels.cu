@@ -551,6 +551,188 @@ __device__ void attention(const float* q, const unsigned long long* caches, cons
     }
 }
 
+// Two values in S::T as one 32-bit register, the first in the low half (mma's operand order).
+template <class S>
+__device__ __forceinline__ unsigned int pack2(float lo, float hi) {
+    return (unsigned int)S::store(lo) | ((unsigned int)S::store(hi) << 16);
+}
+
+// d += a · b on the tensor cores: a 16×16 tile of A (4 registers, row-major), a 16×8 tile of B
+// (2 registers, column-major), f32 accumulators in PTX's m16n8k16 fragment layout.
+template <class S>
+struct Mma;
+template <>
+struct Mma<F16> {
+    static __device__ __forceinline__ void run(float* d, const unsigned int* a, unsigned int b0,
+                                               unsigned int b1) {
+#if __CUDA_ARCH__ >= 800
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+    }
+};
+template <>
+struct Mma<BF16> {
+    static __device__ __forceinline__ void run(float* d, const unsigned int* a, unsigned int b0,
+                                               unsigned int b1) {
+#if __CUDA_ARCH__ >= 800
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+    }
+};
+
+#define MMA_D 64     // head size (every GPT-2 size has 64)
+#define MMA_ROWS 64  // query rows per block: 16 per warp, 4 warps
+#define MMA_KEYS 64  // keys per tile
+#define MMA_PAD 72   // shared rows' stride in elements: B-fragment loads hit 32 distinct banks
+
+// The attention of a group of up to MMA_ROWS consecutive query rows of one sequence (a prompt
+// chunk; see `attention` for groups and the cache) for head blockIdx.x, on the tensor cores
+// (sm_80 and later, f16 / bf16, 128 threads): FlashAttention-2's loop. Each warp holds 16 rows'
+// q as mma A fragments. Per tile of 64 keys, K and V go to shared memory (V transposed, so
+// both give B fragments as 32-bit loads); S = q·Kᵀ in f32, masked causally by position; each
+// row's running max and sum rescale what it has so far (online softmax); P, rounded to S::T,
+// is multiplied into O = P·V straight from the S accumulators' registers.
+template <class S>
+__device__ void attention_mma(const float* q, const unsigned long long* caches, const int* pos,
+                              const int* caps, const int* groups, typename S::T* out, int c,
+                              int layer, int n_layer) {
+    typedef typename S::T T;
+    __shared__ __align__(16) T ks[MMA_KEYS * MMA_PAD];  // [key][dim]
+    __shared__ __align__(16) T vs[MMA_D * MMA_PAD];     // [dim][key]
+    int h = blockIdx.x, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    int g = lane >> 2, t = lane & 3;  // fragment row and column pair
+    int first = groups[2 * blockIdx.y], count = groups[2 * blockIdx.y + 1];
+    int n = pos[first + count - 1] + 1;
+    size_t cap = caps[first];
+    const T* keys = (const T*)caches[first] + (size_t)layer * cap * c + h * MMA_D;
+    const T* values = keys + (size_t)n_layer * cap * c;
+    // This thread's rows (g and g + 8 of its warp's 16) and their positions; -1 masks every key.
+    int r0 = warp * 16 + g, r1 = r0 + 8;
+    int p0 = r0 < count ? pos[first + r0] : -1, p1 = r1 < count ? pos[first + r1] : -1;
+    bool busy = warp * 16 < count;
+    unsigned int qa[4][4];  // A fragments of q, by 16 dims
+    {
+        const float* q0 = q + (size_t)(first + min(r0, count - 1)) * c + h * MMA_D + 2 * t;
+        const float* q1 = q + (size_t)(first + min(r1, count - 1)) * c + h * MMA_D + 2 * t;
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {
+            int d0 = kk * 16;
+            qa[kk][0] = pack2<S>(q0[d0], q0[d0 + 1]);
+            qa[kk][1] = pack2<S>(q1[d0], q1[d0 + 1]);
+            qa[kk][2] = pack2<S>(q0[d0 + 8], q0[d0 + 9]);
+            qa[kk][3] = pack2<S>(q1[d0 + 8], q1[d0 + 9]);
+        }
+    }
+    float o[8][4];  // O's accumulators, by 8 dims
+#pragma unroll
+    for (int j = 0; j < 8; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+    float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;  // running max and sum per row
+
+    for (int base = 0; base < n; base += MMA_KEYS) {
+        __syncthreads();  // the last tile is used up
+        // K: 8 threads per key row (its 128 bytes in one go). V: a warp per 32 keys of one
+        // 8-dim slice, so the transposed stores are consecutive. Keys past n are zeros (P is
+        // 0 there, and 0 · garbage could be NaN).
+        for (int i = tid; i < MMA_KEYS * 8; i += blockDim.x) {
+            int key = i >> 3, part = (i & 7) * 8;
+            uint4 kv = make_uint4(0, 0, 0, 0);
+            if (base + key < n) kv = *(const uint4*)(keys + (size_t)(base + key) * c + part);
+            *(uint4*)(ks + key * MMA_PAD + part) = kv;
+        }
+        for (int i = tid; i < MMA_KEYS * 8; i += blockDim.x) {
+            int key = i & (MMA_KEYS - 1), part = (i / MMA_KEYS) * 8;
+            uint4 vv = make_uint4(0, 0, 0, 0);
+            if (base + key < n) vv = *(const uint4*)(values + (size_t)(base + key) * c + part);
+            const T* vt = (const T*)&vv;
+#pragma unroll
+            for (int e = 0; e < 8; e++) vs[(part + e) * MMA_PAD + key] = vt[e];
+        }
+        __syncthreads();
+        if (!busy) continue;
+
+        float sc[8][4];  // scores, by 8 keys: (row g, keys 2t, 2t+1), (row g + 8, same keys)
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
+            const T* kr = ks + (8 * j + g) * MMA_PAD + 2 * t;
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++) {
+                unsigned int b0 = *(const unsigned int*)(kr + kk * 16);
+                unsigned int b1 = *(const unsigned int*)(kr + kk * 16 + 8);
+                Mma<S>::run(sc[j], qa[kk], b0, b1);
+            }
+        }
+        float x0 = m0, x1 = m1;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                int key = base + 8 * j + 2 * t + e;
+                if (key > p0) sc[j][e] = NEG_INF;
+                if (key > p1) sc[j][2 + e] = NEG_INF;
+                x0 = fmaxf(x0, sc[j][e]);
+                x1 = fmaxf(x1, sc[j][2 + e]);
+            }
+        }
+        // The quad of threads holding a row agree on its max.
+#pragma unroll
+        for (int o2 = 1; o2 < 4; o2 <<= 1) {
+            x0 = fmaxf(x0, __shfl_xor_sync(FULL_MASK, x0, o2));
+            x1 = fmaxf(x1, __shfl_xor_sync(FULL_MASK, x1, o2));
+        }
+        // A row with no key yet keeps max -inf: shift by 0 so exp gives 0, not NaN.
+        float s0 = x0 == NEG_INF ? 0.f : x0, s1 = x1 == NEG_INF ? 0.f : x1;
+        float k0 = __expf(m0 - s0), k1 = __expf(m1 - s1);
+        m0 = x0, m1 = x1;
+        l0 *= k0, l1 *= k1;
+#pragma unroll
+        for (int j = 0; j < 8; j++) o[j][0] *= k0, o[j][1] *= k0, o[j][2] *= k1, o[j][3] *= k1;
+        unsigned int pa[4][4];  // P as A fragments, by 16 keys
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            float e0 = __expf(sc[j][0] - s0), e1 = __expf(sc[j][1] - s0);
+            float e2 = __expf(sc[j][2] - s1), e3 = __expf(sc[j][3] - s1);
+            l0 += e0 + e1, l1 += e2 + e3;
+            pa[j >> 1][(j & 1) * 2] = pack2<S>(e0, e1);
+            pa[j >> 1][(j & 1) * 2 + 1] = pack2<S>(e2, e3);
+        }
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            const T* vr = vs + (8 * j + g) * MMA_PAD + 2 * t;
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++) {
+                unsigned int b0 = *(const unsigned int*)(vr + kk * 16);
+                unsigned int b1 = *(const unsigned int*)(vr + kk * 16 + 8);
+                Mma<S>::run(o[j], pa[kk], b0, b1);
+            }
+        }
+    }
+#pragma unroll
+    for (int o2 = 1; o2 < 4; o2 <<= 1) {
+        l0 += __shfl_xor_sync(FULL_MASK, l0, o2);
+        l1 += __shfl_xor_sync(FULL_MASK, l1, o2);
+    }
+    float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        int col = h * MMA_D + 8 * j + 2 * t;
+        if (r0 < count)
+            *(unsigned int*)(out + (size_t)(first + r0) * c + col) =
+                pack2<S>(o[j][0] * i0, o[j][1] * i0);
+        if (r1 < count)
+            *(unsigned int*)(out + (size_t)(first + r1) * c + col) =
+                pack2<S>(o[j][2] * i1, o[j][3] * i1);
+    }
+}
+
 // The warp's largest `best` and, among equal ones, the smallest `bi`, in every lane.
 __device__ __forceinline__ void warp_best(float& best, int& bi) {
     for (int o = 16; o > 0; o >>= 1) {
@@ -1007,6 +1189,17 @@ __device__ void epilogue_rows(const float* y, int rows, int n, const Epi<S>& e) 
         PDL_START();                                                                          \
         attention<S, G>(q, caches, pos, caps, groups, out, c, n_head, layer, n_layer, n_ctx); \
     }
+
+// Tensor-core attention for prompt chunks (f16 and bf16 activations; see attention_mma).
+#define ATTENTION_MMA(S, name)                                                                \
+    extern "C" __global__ void attention_mma_##name(                                          \
+        const float* q, const unsigned long long* caches, const int* pos, const int* caps,    \
+        const int* groups, S::T* out, int c, int layer, int n_layer) {                        \
+        PDL_START();                                                                          \
+        attention_mma<S>(q, caches, pos, caps, groups, out, c, layer, n_layer);               \
+    }
+ATTENTION_MMA(F16, f16)
+ATTENTION_MMA(BF16, bf16)
 
 // The kernels of activations in S, named for it.
 #define INSTANTIATE(S, name)                                                                  \

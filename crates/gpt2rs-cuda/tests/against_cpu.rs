@@ -514,3 +514,56 @@ fn int8_and_int4_decode_batches_of_every_gemv_size() {
         assert!(worst < 5e-3, "{dtype}: worst relative error {worst:e}");
     }
 }
+
+#[test]
+fn prompt_chunks_of_awkward_lengths_attend_like_the_cpu() {
+    // Prompt chunks' attention runs on the tensor cores in f16 / bf16 (64 query rows and 64
+    // keys a tile): chunks shorter and longer than a tile, one that starts mid-tile at position
+    // 150, a decode row and a 3-token prompt in the same pass, at gpt2-xl's width (25 heads).
+    let mut config = Gpt2Config::preset("gpt2-xl").unwrap();
+    config.n_layer = 2;
+    let vocab = config.vocab_size;
+    let mut c = CpuEngine::new(ModelWeights::synthetic(&config, 11));
+    for (dtype, worst_bound) in [(DType::F16, 5e-3), (DType::Bf16, 4e-2)] {
+        let w = ModelWeights::synthetic_as(&config, 11, WeightFormat::new(dtype));
+        let Some(mut g) = gpu(&w) else { return };
+        drop(w);
+        let steps: [&[usize]; 2] = [&[150, 65], &[70, 1, 3]];
+        let (mut cs, mut gs) = (vec![], vec![]);
+        let mut worst = 0f64;
+        for (step, sizes) in steps.iter().enumerate() {
+            while cs.len() < sizes.len() {
+                cs.push(c.add_sequence());
+                gs.push(g.add_sequence());
+            }
+            let feeds: Vec<Vec<u32>> = (0..sizes.len())
+                .map(|i| tokens(sizes[i], vocab, (7 * step + i) as u64))
+                .collect();
+            let batch = |seqs: &[gpt2rs::engine::SeqId]| -> Vec<BatchEntry<'_>> {
+                feeds
+                    .iter()
+                    .zip(seqs)
+                    .map(|(t, &seq)| BatchEntry {
+                        seq,
+                        tokens: t,
+                        logits: LogitsFor::All,
+                    })
+                    .collect()
+            };
+            let want = c.forward(&batch(&cs)).unwrap();
+            let got = g.forward(&batch(&gs)).unwrap();
+            for e in 0..feeds.len() {
+                for (a, b) in want.entry(e).zip(got.entry(e)) {
+                    worst = worst.max(relative_error(a, b));
+                }
+            }
+        }
+        assert_eq!(g.sequence_len(gs[0]), Some(220));
+        eprintln!("prompt chunks {dtype}: worst relative error {worst:.2e}");
+        assert!(worst < worst_bound, "{dtype}: worst {worst:e}");
+        for (cq, gq) in cs.into_iter().zip(gs) {
+            c.remove_sequence(cq);
+            g.remove_sequence(gq);
+        }
+    }
+}
