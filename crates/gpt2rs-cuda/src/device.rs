@@ -17,7 +17,7 @@ pub struct Device {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
     pub blas: CudaBlas,
-    _workspace: CudaSlice<u8>,
+    workspace: CudaSlice<u8>,
     module: Arc<CudaModule>,
     pub name: String,
     pub ordinal: usize,
@@ -46,11 +46,20 @@ pub(crate) fn missing_libraries() -> Vec<&'static str> {
         if !cudarc::cublas::sys::is_culib_present() {
             missing.push("cuBLAS (libcublas.so)");
         }
+        if !cudarc::cublaslt::sys::is_culib_present() {
+            missing.push("cuBLASLt (libcublasLt.so)");
+        }
     }
     missing
 }
 
 impl Device {
+    /// The cuBLAS workspace: its device address and bytes (cuBLASLt products share it; they
+    /// run on the same stream).
+    pub fn workspace(&self) -> (u64, usize) {
+        (self.workspace.device_ptr(&self.stream).0, CUBLAS_WORKSPACE)
+    }
+
     /// Opens GPU `ordinal`, or says plainly why it cannot.
     pub fn open(ordinal: usize) -> Result<Self> {
         let missing = missing_libraries();
@@ -109,7 +118,7 @@ impl Device {
             ctx,
             stream,
             blas,
-            _workspace: workspace,
+            workspace,
             module,
             name,
             ordinal,

@@ -6,9 +6,12 @@
 //! stream) → layer norm → MLP product (+ bias, GELU) → MLP product (+ bias, residual). Up to 8
 //! rows, products are kernels.cu's matrix-vector kernels with those epilogues fused (weights in
 //! f32/f16/bf16 or packed int8/int4); longer passes use cuBLAS (f32 accumulation; int8/int4
-//! matrices dequantized to f16 first) and an elementwise epilogue kernel.
+//! matrices dequantized to f16 first) with the residual and MLP epilogues fused by cuBLASLt
+//! (lt.rs), the others as an elementwise kernel. Prompt chunks' attention runs on the tensor
+//! cores (kernels.cu's attention_mma) where the activations are f16 / bf16.
 
 use crate::device::{device_err, Device, CUBLAS_WORKSPACE};
+use crate::lt::{Fused, Lt, Operands};
 use crate::weights::{DeviceMatrix, DeviceModel, MatrixFormat, Precision};
 use cudarc::cublas::sys::{
     cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t,
@@ -285,6 +288,9 @@ pub struct CudaEngine {
     use_pdl: bool,
     /// See [`Self::uses_attention_mma`].
     use_attention_mma: bool,
+    /// Longer passes' products with fused epilogues (f16 / bf16 operands only: cuBLASLt's
+    /// plain-f32 products are not the exact ones the f32 engine is held to).
+    lt: Option<Lt>,
     /// Caches of finished sequences, by capacity, kept for the next ones (a new allocation
     /// per request costs a cudaMalloc and a memset on its first pass).
     spare: Vec<(usize, CudaSlice<u8>)>,
@@ -313,6 +319,11 @@ impl CudaEngine {
         let kernels = Kernels::load(&dev, precision, &formats)?;
         // GPT2RS_CUDA_PDL=0 serializes kernels the ordinary way (for comparisons).
         let use_pdl = dev.major >= 9 && std::env::var("GPT2RS_CUDA_PDL").map_or(true, |v| v != "0");
+        // GPT2RS_CUDA_LT=0 keeps every product on plain cuBLAS (for comparisons).
+        let lt = (precision != Precision::F32
+            && std::env::var("GPT2RS_CUDA_LT").map_or(true, |v| v != "0"))
+        .then(|| Lt::new(dev.workspace()))
+        .transpose()?;
         let use_attention_mma = kernels.attention_mma.is_some()
             && weights.config.head_dim() == ATTENTION_MMA_HEAD
             && std::env::var("GPT2RS_CUDA_ATTENTION_MMA").map_or(true, |v| v != "0");
@@ -331,6 +342,7 @@ impl CudaEngine {
             use_graphs: std::env::var("GPT2RS_CUDA_GRAPHS").map_or(true, |v| v != "0"),
             use_pdl,
             use_attention_mma,
+            lt,
             spare: Vec::new(),
             pinned: None,
         })
@@ -479,6 +491,9 @@ impl CudaEngine {
         } else {
             data
         };
+        if self.fused_product(x, rows, w, w_ptr, epi)? {
+            return Ok(());
+        }
         let out = match epi {
             Epilogue::Plain { out, .. } => out,
             _ => p.product,
@@ -527,6 +542,37 @@ impl CudaEngine {
             },
             &args,
         )
+    }
+
+    /// `x · wᵀ` (`w` at `w_ptr` in the activations' type) with a residual or activation
+    /// epilogue in one cuBLASLt product; false (nothing enqueued) when cuBLASLt is off or has
+    /// no algorithm for it, or for other epilogues.
+    fn fused_product(
+        &self,
+        x: u64,
+        rows: usize,
+        w: &DeviceMatrix,
+        w_ptr: u64,
+        epi: Epilogue,
+    ) -> Result<bool> {
+        let Some(lt) = &self.lt else {
+            return Ok(false);
+        };
+        let (fused, bias, out) = match epi {
+            Epilogue::Residual { bias, x } => (Fused::Residual, bias, x),
+            Epilogue::Act { bias, out, act: 0 } => (Fused::Gelu, bias, out),
+            Epilogue::Act { bias, out, act: 2 } => (Fused::Relu, bias, out),
+            _ => return Ok(false),
+        };
+        let ops = Operands {
+            x,
+            w: w_ptr,
+            bias,
+            out,
+        };
+        let half = self.precision == Precision::F16;
+        let stream = self.dev.stream.cu_stream() as _;
+        lt.run(stream, fused, rows, w.rows, w.cols, half, &ops)
     }
 
     /// The layer norm of `rows` rows of x (through the device row list `which`, when not 0)

@@ -2,7 +2,7 @@
 //! behind the same [`gpt2rs::engine::Engine`] interface as the CPU backend, so generation,
 //! scoring and bench run on it unchanged.
 //!
-//! The CUDA driver, cuBLAS and NVRTC are loaded at run time (cudarc's dynamic loading), so
+//! The CUDA driver, cuBLAS, cuBLASLt and NVRTC are loaded at run time (cudarc's dynamic loading), so
 //! this crate builds, and its callers run, on machines with no GPU or CUDA toolkit: opening
 //! the engine there fails with a message that says so. Kernels are CUDA C (`kernels.cu`)
 //! compiled by NVRTC for the GPU present and cached under `~/.cache/gpt2rs`.
@@ -10,12 +10,14 @@
 //! Status: f32, f16 and bf16 weights, and int8 / int4 kept in gpt2rs::quant's packed groups
 //! (f16 activations); the whole forward pass on the GPU, checked against the CPU engine on
 //! the device machine; decode steps replay CUDA graphs; next-token picks on the device (greedy,
-//! temperature, top-k, top-p). Not yet: a flash-decoding attention kernel, a tiled prefill
-//! attention (see docs/benchmarks.md). [`probe`] measures a GPU's ceilings for
+//! temperature, top-k, top-p); prompt chunks' attention on the tensor cores (f16 / bf16);
+//! longer passes' residual and MLP products with cuBLASLt's fused epilogues. Not yet: a
+//! flash-decoding attention kernel for long decode contexts (see docs/benchmarks.md). [`probe`] measures a GPU's ceilings for
 //! `gpt2rs bench`.
 
 mod device;
 mod engine;
+mod lt;
 pub mod probe;
 mod weights;
 

@@ -1,0 +1,253 @@
+//! Matrix products with their epilogue fused, through cuBLASLt: `x += h · wᵀ + bias` (a
+//! projection back into the f32 residual stream) and `act(h · wᵀ + bias)` in the model's
+//! precision (the MLP's first layer), for passes longer than the matrix-vector kernels take.
+//! Plain cuBLAS would write an f32 product that an elementwise kernel then reads back.
+//!
+//! Plans (descriptors, layouts and the heuristic's algorithm) are made once per shape and
+//! kept; a shape cuBLASLt has no algorithm for is remembered as such, and its products take
+//! the unfused path.
+
+use crate::device::device_err;
+use cudarc::cublas::sys::cublasOperation_t;
+use cudarc::cublaslt::result as lt;
+use cudarc::cublaslt::sys::{
+    cublasComputeType_t, cublasLtEpilogue_t, cublasLtHandle_t, cublasLtMatmulAlgo_t,
+    cublasLtMatmulDescAttributes_t, cublasLtMatmulDesc_t, cublasLtMatmulPreferenceAttributes_t,
+    cublasLtMatrixLayout_t, cudaDataType, cudaStream_t,
+};
+use gpt2rs::Result;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ffi::c_void;
+
+/// What a fused product does after the multiplication.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum Fused {
+    /// `out` (f32) += product + bias.
+    Residual,
+    /// `out` (the activations' type) = gelu-tanh(product + bias).
+    Gelu,
+    /// `out` = relu(product + bias).
+    Relu,
+}
+
+/// One product's shape: `rows` rows of activations times an `n × k` matrix.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct Shape {
+    fused: Fused,
+    rows: usize,
+    n: usize,
+    k: usize,
+    half: bool,
+}
+
+/// A product's descriptor and its operands' layouts (C and D share one).
+struct Descriptors {
+    desc: cublasLtMatmulDesc_t,
+    a: cublasLtMatrixLayout_t,
+    b: cublasLtMatrixLayout_t,
+    d: cublasLtMatrixLayout_t,
+}
+
+struct Plan {
+    descs: Descriptors,
+    algo: cublasLtMatmulAlgo_t,
+}
+
+/// cuBLASLt for one GPU's stream, with its plans.
+pub struct Lt {
+    handle: cublasLtHandle_t,
+    /// By shape; `None`: cuBLASLt has no algorithm for it.
+    plans: RefCell<HashMap<Shape, Option<Plan>>>,
+    workspace: (u64, usize),
+}
+
+// SAFETY: the handle and descriptors are only used from the thread that owns the engine
+// (the engine is moved between threads, never shared).
+unsafe impl Send for Lt {}
+
+/// A fused product's operands: device addresses of the activations `x` (`[rows, k]`, f16 or
+/// bf16), the matrix `w` (`[n, k]`, same type), the f32 bias and the output.
+pub struct Operands {
+    pub x: u64,
+    pub w: u64,
+    pub bias: u64,
+    pub out: u64,
+}
+
+impl Lt {
+    /// A handle whose products use `workspace` (address, bytes) as scratch.
+    pub fn new(workspace: (u64, usize)) -> Result<Self> {
+        let handle = lt::create_handle().map_err(device_err("starting cuBLASLt"))?;
+        Ok(Self {
+            handle,
+            plans: RefCell::new(HashMap::new()),
+            workspace,
+        })
+    }
+
+    /// Enqueues `fused` for `rows` × (`n × k`) on `stream`, `half` meaning f16 (else bf16)
+    /// operands; `Ok(false)` when cuBLASLt has no algorithm for it (nothing was enqueued).
+    #[allow(clippy::too_many_arguments)]
+    pub fn run(
+        &self,
+        stream: cudaStream_t,
+        fused: Fused,
+        rows: usize,
+        n: usize,
+        k: usize,
+        half: bool,
+        ops: &Operands,
+    ) -> Result<bool> {
+        let shape = Shape {
+            fused,
+            rows,
+            n,
+            k,
+            half,
+        };
+        let mut plans = self.plans.borrow_mut();
+        let plan = match plans.entry(shape) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(self.plan(shape)?),
+        };
+        let Some(plan) = plan.as_ref() else {
+            return Ok(false);
+        };
+        let Descriptors { desc, a, b, d } = &plan.descs;
+        let err = device_err("a cuBLASLt matmul");
+        let bias = ops.bias;
+        // SAFETY: the descriptor is live; the attribute is a device pointer (8 bytes).
+        unsafe {
+            lt::set_matmul_desc_attribute(
+                *desc,
+                cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                &bias as *const u64 as *const c_void,
+                8,
+            )
+        }
+        .map_err(&err)?;
+        let alpha = 1f32;
+        let beta = if fused == Fused::Residual { 1f32 } else { 0f32 };
+        // Column-major view, as in the engine's plain products: out (n × rows) = wᵀ' · x'.
+        // C is D: the residual stream is read and written in place.
+        // SAFETY: the layouts match the buffers' sizes, which the caller guarantees.
+        unsafe {
+            lt::matmul(
+                self.handle,
+                *desc,
+                &alpha as *const f32 as *const c_void,
+                &beta as *const f32 as *const c_void,
+                ops.w as *const c_void,
+                *a,
+                ops.x as *const c_void,
+                *b,
+                ops.out as *const c_void,
+                *d,
+                ops.out as *mut c_void,
+                *d,
+                &plan.algo,
+                self.workspace.0 as *mut c_void,
+                self.workspace.1,
+                stream,
+            )
+        }
+        .map_err(&err)?;
+        Ok(true)
+    }
+
+    fn plan(&self, s: Shape) -> Result<Option<Plan>> {
+        let err = device_err("planning a cuBLASLt matmul");
+        let ty = if s.half {
+            cudaDataType::CUDA_R_16F
+        } else {
+            cudaDataType::CUDA_R_16BF
+        };
+        let out_ty = match s.fused {
+            Fused::Residual => cudaDataType::CUDA_R_32F,
+            Fused::Gelu | Fused::Relu => ty,
+        };
+        let epilogue = match s.fused {
+            Fused::Residual => cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
+            Fused::Gelu => cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU_BIAS,
+            Fused::Relu => cublasLtEpilogue_t::CUBLASLT_EPILOGUE_RELU_BIAS,
+        };
+        let (rows, n, k) = (s.rows as u64, s.n as u64, s.k as u64);
+        let desc = lt::create_matmul_desc(
+            cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            cudaDataType::CUDA_R_32F,
+        )
+        .map_err(&err)?;
+        let set = |attr, value: *const c_void, size: usize| {
+            // SAFETY: `desc` is live and `value` points at `size` bytes of the attribute.
+            unsafe { lt::set_matmul_desc_attribute(desc, attr, value, size) }.map_err(&err)
+        };
+        let transpose = cublasOperation_t::CUBLAS_OP_T;
+        let bias_ty = cudaDataType::CUDA_R_32F;
+        set(
+            cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
+            &transpose as *const _ as *const c_void,
+            std::mem::size_of_val(&transpose),
+        )?;
+        set(
+            cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE,
+            &epilogue as *const _ as *const c_void,
+            std::mem::size_of_val(&epilogue),
+        )?;
+        set(
+            cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
+            &bias_ty as *const _ as *const c_void,
+            std::mem::size_of_val(&bias_ty),
+        )?;
+        let descs = Descriptors {
+            desc,
+            a: lt::create_matrix_layout(ty, k, n, k as i64).map_err(&err)?,
+            b: lt::create_matrix_layout(ty, k, rows, k as i64).map_err(&err)?,
+            d: lt::create_matrix_layout(out_ty, n, rows, n as i64).map_err(&err)?,
+        };
+        let pref = lt::create_matmul_pref().map_err(&err)?;
+        let bytes = self.workspace.1 as u64;
+        // SAFETY: `pref` is live; the attribute is a u64.
+        unsafe {
+            lt::set_matmul_pref_attribute(
+                pref,
+                cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                &bytes as *const u64 as *const c_void,
+                8,
+            )
+        }
+        .map_err(&err)?;
+        let Descriptors { desc, a, b, d } = &descs;
+        // SAFETY: every descriptor is live.
+        let found =
+            unsafe { lt::get_matmul_algo_heuristic(self.handle, *desc, *a, *b, *d, *d, pref) };
+        // SAFETY: `pref` is not used again.
+        unsafe { lt::destroy_matmul_pref(pref) }.map_err(&err)?;
+        Ok(found.ok().map(|h| Plan {
+            descs,
+            algo: h.algo,
+        }))
+    }
+}
+
+impl Drop for Descriptors {
+    fn drop(&mut self) {
+        // SAFETY: each descriptor is destroyed once, after its last use.
+        unsafe {
+            let _ = lt::destroy_matrix_layout(self.a);
+            let _ = lt::destroy_matrix_layout(self.b);
+            let _ = lt::destroy_matrix_layout(self.d);
+            let _ = lt::destroy_matmul_desc(self.desc);
+        }
+    }
+}
+
+impl Drop for Lt {
+    fn drop(&mut self) {
+        self.plans.borrow_mut().clear();
+        // SAFETY: the plans that used the handle are gone.
+        unsafe {
+            let _ = lt::destroy_handle(self.handle);
+        }
+    }
+}
