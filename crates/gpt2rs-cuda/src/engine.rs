@@ -575,6 +575,35 @@ impl CudaEngine {
         lt.run(stream, fused, rows, w.rows, w.cols, half, &ops)
     }
 
+    /// cuBLASLt's plans for every pass length from GEMV_MAX_ROWS + 1 to `longest` rows, so a
+    /// server's mixed steps (each a new length) do not wait for them.
+    fn plan_fused_products(&self, longest: usize) -> Result<()> {
+        let Some(lt) = &self.lt else {
+            return Ok(());
+        };
+        let Some(l) = self.w.layers.first() else {
+            return Ok(());
+        };
+        let act = match self.config.activation {
+            Activation::GeluTanh => Some(Fused::Gelu),
+            Activation::Relu => Some(Fused::Relu),
+            Activation::GeluErf => None,
+        };
+        let half = self.precision == Precision::F16;
+        for rows in GEMV_MAX_ROWS + 1..=longest {
+            for (fused, m) in [
+                (Some(Fused::Residual), &l.attn_out.w),
+                (act, &l.mlp_in.w),
+                (Some(Fused::Residual), &l.mlp_out.w),
+            ] {
+                if let Some(f) = fused {
+                    lt.prepare(f, rows, m.rows, m.cols, half)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The layer norm of `rows` rows of x (through the device row list `which`, when not 0)
     /// into h, in the model's precision. (Fused into each block of the matrix-vector kernels
     /// it measured slower on the H200: every block redoing the norm delays its weight reads.)
@@ -1067,6 +1096,7 @@ impl Engine for CudaEngine {
         let n_pos = self.config.n_positions;
         let max_batch = max_batch.clamp(1, MAX_GRAPH_ROWS);
         let longest = max_step_tokens.max(max_batch);
+        self.plan_fused_products(longest)?;
         let tokens = vec![0u32; longest];
         let seqs: Vec<SeqId> = (0..longest.div_ceil(n_pos))
             .map(|_| self.add_sequence())

@@ -86,6 +86,23 @@ impl Lt {
         })
     }
 
+    /// Makes the plan for a product ahead of its first pass (host work only: the heuristic
+    /// query would otherwise land on the step that first has this many rows).
+    pub fn prepare(&self, fused: Fused, rows: usize, n: usize, k: usize, half: bool) -> Result<()> {
+        let shape = Shape {
+            fused,
+            rows,
+            n,
+            k,
+            half,
+        };
+        if !self.plans.borrow().contains_key(&shape) {
+            let plan = self.plan(shape)?;
+            self.plans.borrow_mut().insert(shape, plan);
+        }
+        Ok(())
+    }
+
     /// Enqueues `fused` for `rows` × (`n × k`) on `stream`, `half` meaning f16 (else bf16)
     /// operands; `Ok(false)` when cuBLASLt has no algorithm for it (nothing was enqueued).
     #[allow(clippy::too_many_arguments)]
