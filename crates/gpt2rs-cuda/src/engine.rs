@@ -44,6 +44,10 @@ const ATTENTION_GROUP: usize = 8;
 /// MMA_ROWS), which needs heads of this size (every GPT-2's).
 const ATTENTION_MMA_ROWS: usize = 64;
 const ATTENTION_MMA_HEAD: usize = 64;
+/// Threads per block of the split decode attention (kernels.cu's attention_split; heads up
+/// to this wide), and the most blocks a row and head is split into.
+const SPLIT_THREADS: u32 = 128;
+const MAX_SPLITS: usize = 8;
 /// Shared memory a kernel may use without opting in.
 const DEFAULT_SHARED_BYTES: usize = 48 << 10;
 /// Up to this many rows, matrix products run as our matrix-vector kernels (each weight read
@@ -143,6 +147,11 @@ struct Pass {
     groups: u64,
     n_groups: usize,
     group: usize,
+    /// Decode attention's blocks per row and head (1: not split), with their partial results
+    /// and per-(row, head) counts of finished blocks (zero between passes).
+    splits: usize,
+    split_part: u64,
+    split_counts: u64,
     wanted_rows: u64,
     x: u64,
     h: u64,
@@ -207,6 +216,8 @@ struct Kernels {
     attention: [CudaFunction; 2],
     /// For prompts on the tensor cores (f16 / bf16 activations on sm_80 and later).
     attention_mma: Option<CudaFunction>,
+    /// For decode rows, split along the cache.
+    attention_split: CudaFunction,
     epilogue_rows: CudaFunction,
     argmax: CudaFunction,
     pick_filtered: CudaFunction,
@@ -225,6 +236,7 @@ impl Kernels {
             matrices,
             layernorm: f("layernorm")?,
             attention: [f("attention1")?, f(&format!("attention{ATTENTION_GROUP}"))?],
+            attention_split: f("attention_split")?,
             attention_mma: (p != Precision::F32 && dev.major >= 8)
                 .then(|| f("attention_mma"))
                 .transpose()?,
@@ -288,6 +300,8 @@ pub struct CudaEngine {
     use_pdl: bool,
     /// See [`Self::uses_attention_mma`].
     use_attention_mma: bool,
+    /// See [`Self::attention_splits`].
+    use_split: bool,
     /// Longer passes' products with fused epilogues (f16 / bf16 operands only: cuBLASLt's
     /// plain-f32 products are not the exact ones the f32 engine is held to).
     lt: Option<Lt>,
@@ -319,6 +333,7 @@ impl CudaEngine {
         let kernels = Kernels::load(&dev, precision, &formats)?;
         // GPT2RS_CUDA_PDL=0 serializes kernels the ordinary way (for comparisons).
         let use_pdl = dev.major >= 9 && std::env::var("GPT2RS_CUDA_PDL").map_or(true, |v| v != "0");
+        let use_split = std::env::var("GPT2RS_CUDA_SPLIT").map_or(true, |v| v != "0");
         // GPT2RS_CUDA_LT=0 keeps every product on plain cuBLAS (for comparisons).
         let lt = (precision != Precision::F32
             && std::env::var("GPT2RS_CUDA_LT").map_or(true, |v| v != "0"))
@@ -342,6 +357,7 @@ impl CudaEngine {
             use_graphs: std::env::var("GPT2RS_CUDA_GRAPHS").map_or(true, |v| v != "0"),
             use_pdl,
             use_attention_mma,
+            use_split,
             lt,
             spare: Vec::new(),
             pinned: None,
@@ -699,20 +715,6 @@ impl CudaEngine {
             Activation::GeluErf => 1,
             Activation::Relu => 2,
         };
-        let on_mma = p.group == ATTENTION_MMA_ROWS && self.uses_attention_mma();
-        let attention_cfg = LaunchConfig {
-            grid_dim: (cfg.n_head as u32, p.n_groups as u32, 1),
-            block_dim: (if on_mma { 128 } else { ATTENTION_THREADS }, 1, 1),
-            shared_mem_bytes: if on_mma {
-                0
-            } else {
-                attention_shared_bytes(cfg, p.group) as u32
-            },
-        };
-        let attention = match &k.attention_mma {
-            Some(mma) if on_mma => mma,
-            _ => &k.attention[usize::from(p.group > 1)],
-        };
         for (l, lw) in w.layers.iter().enumerate() {
             let mut scale = if cfg.scale_attn_weights {
                 1.0 / (cfg.head_dim() as f32).sqrt()
@@ -730,26 +732,7 @@ impl CudaEngine {
             };
             self.layernorm(p, &lw.ln_1, rows, 0)?;
             self.gemm(p, p.h, rows, &lw.qkv.w, qkv)?;
-            let mut args = vec![
-                Arg::Ptr(q),
-                Arg::Ptr(p.caches),
-                Arg::Ptr(p.pos),
-                Arg::Ptr(p.caps),
-                Arg::Ptr(p.groups),
-                Arg::Ptr(att),
-                Arg::Int(ci),
-            ];
-            if on_mma {
-                args.extend([Arg::Int(l as i32), Arg::Int(cfg.n_layer as i32)]);
-            } else {
-                args.extend([
-                    Arg::Int(cfg.n_head as i32),
-                    Arg::Int(l as i32),
-                    Arg::Int(cfg.n_layer as i32),
-                    Arg::Int(cfg.n_positions as i32),
-                ]);
-            }
-            self.launch(attention, attention_cfg, &args)?;
+            self.attention(p, l)?;
             let back = |bias: &crate::weights::DeviceVec| Epilogue::Residual {
                 bias: bias.ptr(dev),
                 x,
@@ -817,6 +800,82 @@ impl CudaEngine {
             .ok_or_else(|| Error::Device("capturing the decode step gave an empty graph".into()))
     }
 
+    /// Attention of layer `l` for every row of `p` into its `att`: prompt chunks on the
+    /// tensor cores (or in groups of ATTENTION_GROUP rows), decode rows one block per row and
+    /// head, or split along the cache when those blocks are too few to fill the GPU.
+    fn attention(&self, p: &Pass, l: usize) -> Result<()> {
+        let cfg = &self.config;
+        let k = &self.kernels;
+        let mut args = vec![
+            Arg::Ptr(p.q),
+            Arg::Ptr(p.caches),
+            Arg::Ptr(p.pos),
+            Arg::Ptr(p.caps),
+            Arg::Ptr(p.groups),
+            Arg::Ptr(p.att),
+            Arg::Int(cfg.n_embd as i32),
+        ];
+        let grid = |splits: usize| (cfg.n_head as u32, p.n_groups as u32, splits as u32);
+        let (kernel, launch) = match &k.attention_mma {
+            Some(mma) if p.group == ATTENTION_MMA_ROWS && self.uses_attention_mma() => {
+                args.extend([Arg::Int(l as i32), Arg::Int(cfg.n_layer as i32)]);
+                let cfg = LaunchConfig {
+                    grid_dim: grid(1),
+                    block_dim: (128, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                (mma, cfg)
+            }
+            _ if p.splits > 1 => {
+                // kernels.cu's chunk: at least 64 positions a block.
+                let chunk_cap = cfg.n_positions.div_ceil(p.splits).max(64);
+                args.extend([
+                    Arg::Int(cfg.n_head as i32),
+                    Arg::Int(l as i32),
+                    Arg::Int(cfg.n_layer as i32),
+                    Arg::Int(chunk_cap as i32),
+                    Arg::Ptr(p.split_part),
+                    Arg::Ptr(p.split_counts),
+                ]);
+                let shared = (cfg.head_dim() + chunk_cap + 8 * SPLIT_THREADS as usize) * 4;
+                let cfg = LaunchConfig {
+                    grid_dim: grid(p.splits),
+                    block_dim: (SPLIT_THREADS, 1, 1),
+                    shared_mem_bytes: shared as u32,
+                };
+                (&k.attention_split, cfg)
+            }
+            _ => {
+                args.extend([
+                    Arg::Int(cfg.n_head as i32),
+                    Arg::Int(l as i32),
+                    Arg::Int(cfg.n_layer as i32),
+                    Arg::Int(cfg.n_positions as i32),
+                ]);
+                let cfg = LaunchConfig {
+                    grid_dim: grid(1),
+                    block_dim: (ATTENTION_THREADS, 1, 1),
+                    shared_mem_bytes: attention_shared_bytes(cfg, p.group) as u32,
+                };
+                (&k.attention[usize::from(p.group > 1)], cfg)
+            }
+        };
+        self.launch(kernel, launch, &args)
+    }
+
+    /// Blocks per row and head of a decode pass of `rows` rows: enough to give every
+    /// multiprocessor two (at most MAX_SPLITS), or 1 when rows × heads already do that, the
+    /// heads are too wide for the split kernel, or GPT2RS_CUDA_SPLIT=0 (for comparisons).
+    fn attention_splits(&self, rows: usize) -> usize {
+        let blocks = rows * self.config.n_head;
+        if !self.use_split || self.config.head_dim() > SPLIT_THREADS as usize {
+            return 1;
+        }
+        (2 * self.dev.sm_count)
+            .div_ceil(blocks)
+            .clamp(1, MAX_SPLITS)
+    }
+
     /// Whether prompt chunks' attention runs on the tensor cores (kernels.cu's attention_mma;
     /// GPT2RS_CUDA_ATTENTION_MMA=0 keeps them on the grouped kernel, for comparisons).
     fn uses_attention_mma(&self) -> bool {
@@ -825,13 +884,30 @@ impl CudaEngine {
 
     /// A scratch buffer of at least `bytes`, by name.
     fn scratch(&mut self, name: &'static str, bytes: usize) -> Result<u64> {
+        self.scratch_buffer(name, bytes, false)
+    }
+
+    /// A scratch buffer of at least `bytes` that starts as zeros (what the kernels leave it
+    /// as after each pass).
+    fn zeroed_scratch(&mut self, name: &'static str, bytes: usize) -> Result<u64> {
+        self.scratch_buffer(name, bytes, true)
+    }
+
+    fn scratch_buffer(&mut self, name: &'static str, bytes: usize, zeroed: bool) -> Result<u64> {
         let buf = self.scratch.bufs.get(name);
         if buf.is_none_or(|b| b.len() < bytes) {
             // Graphs captured earlier point at the old buffer.
             self.graphs.clear();
-            // SAFETY: scratch is written before it is read in every pass.
-            let fresh = unsafe { self.dev.stream.alloc::<u8>(bytes.max(1)) }
-                .map_err(device_err("allocating GPU scratch memory"))?;
+            let err = device_err("allocating GPU scratch memory");
+            let fresh = if zeroed {
+                self.dev
+                    .stream
+                    .alloc_zeros::<u8>(bytes.max(1))
+                    .map_err(err)?
+            } else {
+                // SAFETY: such scratch is written before it is read in every pass.
+                unsafe { self.dev.stream.alloc::<u8>(bytes.max(1)) }.map_err(err)?
+            };
             self.scratch.bufs.insert(name, fresh);
         }
         Ok(self.scratch.bufs[name].device_ptr(&self.dev.stream).0)
@@ -1237,6 +1313,11 @@ impl Engine for CudaEngine {
         } else {
             1
         };
+        let splits = if group == 1 {
+            self.attention_splits(rows)
+        } else {
+            1
+        };
         let mut groups: Vec<i32> = vec![];
         let mut row = 0;
         for e in batch {
@@ -1294,6 +1375,12 @@ impl Engine for CudaEngine {
             groups: meta + (cap * 44) as u64,
             n_groups: groups.len() / 2,
             group,
+            splits,
+            split_part: self.scratch(
+                "split_part",
+                cap * cfg.n_head * splits * (cfg.head_dim() + 2) * 4,
+            )?,
+            split_counts: self.zeroed_scratch("split_counts", cap * cfg.n_head * 4)?,
             x: self.scratch("x", cap * c * 4)?,
             h: self.scratch("h", cap * c * es)?,
             q: self.scratch("q", cap * c * 4)?,

@@ -551,6 +551,124 @@ __device__ void attention(const float* q, const unsigned long long* caches, cons
     }
 }
 
+// Decode attention split along the cache (flash-decoding), for passes whose rows × heads alone
+// would leave most multiprocessors idle (batch 1 has n_head blocks). Block (h, y, z) takes the
+// positions [z·chunk, (z+1)·chunk) of row groups[2y]'s cache (decode groups hold one row),
+// chunk = max(ceil(n / gridDim.z), 64), so short caches use fewer blocks; when one block
+// holds them all it writes the output itself. Otherwise each writes its range's score max,
+// sum of exponentials and unnormalized output (d values) to `part`, and the last of the row's
+// and head's blocks to finish combines them, rescaled to the common max, into `out` and
+// zeroes the row's count for the next pass. Shared memory (floats): d for q, `chunk_cap`
+// scores, 8·blockDim.x partial sums.
+template <class S>
+__device__ void attention_split(const float* q, const unsigned long long* caches, const int* pos,
+                                const int* caps, const int* groups, typename S::T* out, int c,
+                                int n_head, int layer, int n_layer, int chunk_cap, float* part,
+                                unsigned int* counts) {
+    typedef typename S::T T;
+    const int V = 16 / sizeof(T);
+    extern __shared__ float smem[];
+    __shared__ float red[32];
+    __shared__ bool last;
+    int h = blockIdx.x, z = blockIdx.z, tid = threadIdx.x, bd = blockDim.x;
+    int r = groups[2 * blockIdx.y];
+    int d = c / n_head, n = pos[r] + 1;
+    int chunk = max((n + gridDim.z - 1) / gridDim.z, 64), active = (n + chunk - 1) / chunk;
+    if (z >= active) return;  // the whole block: nothing below for it
+    int lo = z * chunk, hi = min(n, lo + chunk);
+    size_t cap = caps[r];
+    const T* keys = (const T*)caches[r] + (size_t)layer * cap * c + h * d;
+    const T* values = keys + (size_t)n_layer * cap * c;
+    float* qs = smem;
+    float* sc = qs + d;
+    float* sums = sc + chunk_cap;
+    for (int i = tid; i < d; i += bd) qs[i] = q[(size_t)r * c + h * d + i];
+    __syncthreads();
+    bool vec = c % V == 0 && d % V == 0;
+    float m = NEG_INF;
+    for (int s = lo + tid; s < hi; s += bd) {
+        const T* k = keys + (size_t)s * c;
+        float acc = 0.f;
+        if (vec) {
+            for (int i = 0; i < d; i += V) {
+                uint4 kv = *(const uint4*)(k + i);
+                const T* kt = (const T*)&kv;
+#pragma unroll
+                for (int e = 0; e < V; e++) acc += qs[i + e] * S::load(kt[e]);
+            }
+        } else {
+            for (int i = 0; i < d; i++) acc += qs[i] * S::load(k[i]);
+        }
+        sc[s - lo] = acc;
+        m = fmaxf(m, acc);
+    }
+    m = block_max(m, red);
+    float l = 0.f;
+    for (int s = lo + tid; s < hi; s += bd) {
+        float e = __expf(sc[s - lo] - m);
+        sc[s - lo] = e;
+        l += e;
+    }
+    l = block_sum(l, red);  // its barriers also publish sc
+    // Values: d / V threads cover a value row in 16-byte pieces, the block's groups of them
+    // every groups-th position (all their loads in flight together); sums[g·d + i] per group.
+    int per_row = vec ? d / V : d, pgroups = bd / per_row;
+    int pg = tid / per_row, col = (tid % per_row) * (vec ? V : 1);
+    if (pg < pgroups) {
+        float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};  // V ≤ 8
+        if (vec) {
+#pragma unroll 4
+            for (int s = lo + pg; s < hi; s += pgroups) {
+                uint4 vv = *(const uint4*)(values + (size_t)s * c + col);
+                const T* vt = (const T*)&vv;
+                float p = sc[s - lo];
+#pragma unroll
+                for (int e = 0; e < V; e++) acc[e] += p * S::load(vt[e]);
+            }
+#pragma unroll
+            for (int e = 0; e < V; e++) sums[pg * d + col + e] = acc[e];
+        } else {
+            for (int s = lo + pg; s < hi; s += pgroups)
+                acc[0] += sc[s - lo] * S::load(values[(size_t)s * c + col]);
+            sums[pg * d + col] = acc[0];
+        }
+    }
+    __syncthreads();
+    size_t base = (size_t)(r * n_head + h) * gridDim.z;
+    float* mine = part + (base + z) * (d + 2);
+    for (int i = tid; i < d; i += bd) {
+        float t = 0.f;
+        for (int g = 0; g < pgroups; g++) t += sums[g * d + i];
+        if (active == 1) {
+            out[(size_t)r * c + h * d + i] = S::store(t / l);
+        } else {
+            mine[2 + i] = t;
+        }
+    }
+    if (active == 1) return;
+    if (tid == 0) mine[0] = m, mine[1] = l;
+    // The last block of this row and head combines (threadFenceReduction's pattern).
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) last = atomicAdd(counts + r * n_head + h, 1u) == (unsigned int)active - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    float top = NEG_INF;
+    for (int j = 0; j < active; j++) top = fmaxf(top, __ldcg(part + (base + j) * (d + 2)));
+    for (int i = tid; i < d; i += bd) {
+        float num = 0.f, den = 0.f;
+        for (int j = 0; j < active; j++) {
+            const float* pj = part + (base + j) * (d + 2);
+            float w = __expf(__ldcg(pj) - top);
+            num += w * __ldcg(pj + 2 + i);
+            den += w * __ldcg(pj + 1);
+        }
+        out[(size_t)r * c + h * d + i] = S::store(num / den);
+    }
+    if (tid == 0) counts[r * n_head + h] = 0;
+}
+
 // Two values in S::T as one 32-bit register, the first in the low half (mma's operand order).
 template <class S>
 __device__ __forceinline__ unsigned int pack2(float lo, float hi) {
@@ -1190,6 +1308,16 @@ __device__ void epilogue_rows(const float* y, int rows, int n, const Epi<S>& e) 
         attention<S, G>(q, caches, pos, caps, groups, out, c, n_head, layer, n_layer, n_ctx); \
     }
 
+#define ATTENTION_SPLIT(S, name)                                                              \
+    extern "C" __global__ void attention_split_##name(                                        \
+        const float* q, const unsigned long long* caches, const int* pos, const int* caps,    \
+        const int* groups, S::T* out, int c, int n_head, int layer, int n_layer,              \
+        int chunk_cap, float* part, unsigned int* counts) {                                   \
+        PDL_START();                                                                          \
+        attention_split<S>(q, caches, pos, caps, groups, out, c, n_head, layer, n_layer,      \
+                           chunk_cap, part, counts);                                          \
+    }
+
 // Tensor-core attention for prompt chunks (f16 and bf16 activations; see attention_mma).
 #define ATTENTION_MMA(S, name)                                                                \
     extern "C" __global__ void attention_mma_##name(                                          \
@@ -1210,6 +1338,7 @@ ATTENTION_MMA(BF16, bf16)
     }                                                                                         \
     ATTENTION(S, name, 1)                                                                     \
     ATTENTION(S, name, 8)                                                                     \
+    ATTENTION_SPLIT(S, name)                                                                  \
     extern "C" __global__ void argmax_##name(const float* logits, int first, int v,           \
                                              unsigned long long* picks, const float* inv_t,   \
                                              const unsigned long long* seeds) {               \

@@ -571,3 +571,55 @@ fn prompt_chunks_of_awkward_lengths_attend_like_the_cpu() {
         }
     }
 }
+
+#[test]
+fn decode_over_long_caches_splits_like_the_cpu() {
+    // Decode rows of a small batch split their attention along the cache (flash-decoding):
+    // caches of 700 and 333 positions, then 4 steps of batch 2 and 2 of batch 1, at gpt2-xl's
+    // width and 25 heads, in f32 (exact up to summation order) and f16.
+    let mut config = Gpt2Config::preset("gpt2-xl").unwrap();
+    config.n_layer = 2;
+    let vocab = config.vocab_size;
+    let mut c = CpuEngine::new(ModelWeights::synthetic(&config, 5));
+    for (dtype, bound) in [(DType::F32, 1e-4), (DType::F16, 5e-3)] {
+        let w = ModelWeights::synthetic_as(&config, 5, WeightFormat::new(dtype));
+        let Some(mut g) = gpu(&w) else { return };
+        drop(w);
+        let prompts = [tokens(700, vocab, 1), tokens(333, vocab, 2)];
+        let (cs, gs): (Vec<_>, Vec<_>) = prompts
+            .iter()
+            .map(|_| (c.add_sequence(), g.add_sequence()))
+            .unzip();
+        let mut worst = 0f64;
+        for step in 0..7 {
+            let feeds: Vec<Vec<u32>> = match step {
+                0 => prompts.to_vec(),
+                1..=4 => (0..2).map(|i| tokens(1, vocab, 10 * step + i)).collect(),
+                _ => vec![tokens(1, vocab, 10 * step)],
+            };
+            let batch = |seqs: &[gpt2rs::engine::SeqId]| -> Vec<BatchEntry<'_>> {
+                feeds
+                    .iter()
+                    .zip(seqs)
+                    .map(|(t, &seq)| BatchEntry {
+                        seq,
+                        tokens: t,
+                        logits: LogitsFor::Last,
+                    })
+                    .collect()
+            };
+            let want = c.forward(&batch(&cs)).unwrap();
+            let got = g.forward(&batch(&gs)).unwrap();
+            for e in 0..feeds.len() {
+                worst = worst.max(relative_error(want.last(e).unwrap(), got.last(e).unwrap()));
+            }
+        }
+        assert_eq!(g.sequence_len(gs[0]), Some(706));
+        eprintln!("long-cache decode {dtype}: worst relative error {worst:.2e}");
+        assert!(worst < bound, "{dtype}: worst {worst:e}");
+        for (cq, gq) in cs.into_iter().zip(gs) {
+            c.remove_sequence(cq);
+            g.remove_sequence(gq);
+        }
+    }
+}
