@@ -312,15 +312,19 @@ fn run(
                 Event::PromptLogprobs(_) => {}
             }
             let done = l.unfinished == 0;
+            if done {
+                // Counted before the last event goes out: a client that has its answer finds
+                // it in /health and /metrics.
+                metrics.request_duration.observe(now - l.job.arrived);
+                served.fetch_add(1, Relaxed);
+                end(metrics, &load, l);
+            }
             let _ = l.job.events.send(JobEvent::Event {
                 prompt: l.job.prompt_index,
                 event,
             });
             if done {
-                let l = live.remove(&id).expect("present");
-                metrics.request_duration.observe(now - l.job.arrived);
-                served.fetch_add(1, Relaxed);
-                end(metrics, &load, &l);
+                live.remove(&id);
             }
         }
         publish_running(metrics, &mut running_published, sched.running() as u64);
