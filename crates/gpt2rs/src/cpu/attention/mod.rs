@@ -31,6 +31,13 @@ pub fn attend(
 ) {
     let width = out.len() / places.len().max(1);
     let d = width / n_head;
+    #[cfg(target_arch = "x86_64")]
+    if x86::supports(d) {
+        let groups = row_groups(places);
+        if groups.len() < places.len() {
+            return attend_grouped(qkv, places, &groups, layer, n_head, scale, out);
+        }
+    }
     out.par_chunks_mut(d)
         .with_min_len(4)
         .enumerate()
@@ -54,6 +61,101 @@ pub fn attend(
                 )
             });
         });
+}
+
+/// Runs of consecutive rows of one sequence at consecutive positions (a prompt chunk's
+/// rows), up to `x86::GROUP` each, as (first row, rows).
+#[cfg(target_arch = "x86_64")]
+fn row_groups(places: &[RowPlace<'_>]) -> Vec<(usize, usize)> {
+    let mut groups: Vec<(usize, usize)> = vec![];
+    for (t, place) in places.iter().enumerate() {
+        match groups.last_mut() {
+            Some((first, rows))
+                if *rows < x86::GROUP
+                    && std::ptr::eq(places[t - 1].cache, place.cache)
+                    && places[t - 1].pos + 1 == place.pos =>
+            {
+                debug_assert_eq!(*first + *rows, t);
+                *rows += 1;
+            }
+            _ => groups.push((t, 1)),
+        }
+    }
+    groups
+}
+
+/// The output rows' buffer, written by many threads at disjoint places.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: every task writes only its own group's rows of its own head (see attend_grouped).
+#[cfg(target_arch = "x86_64")]
+unsafe impl Send for OutPtr {}
+#[cfg(target_arch = "x86_64")]
+unsafe impl Sync for OutPtr {}
+
+/// [`attend`] by groups of rows (see [`row_groups`]) and heads: each group reads its
+/// sequence's keys and values once for all its rows.
+#[cfg(target_arch = "x86_64")]
+fn attend_grouped(
+    qkv: &[f32],
+    places: &[RowPlace<'_>],
+    groups: &[(usize, usize)],
+    layer: usize,
+    n_head: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let width = out.len() / places.len();
+    let d = width / n_head;
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    (0..groups.len() * n_head).into_par_iter().for_each(|item| {
+        let ((first, rows), h) = (groups[item / n_head], item % n_head);
+        let last = places[first + rows - 1];
+        let n = last.pos + 1;
+        let keys = &last.cache.keys(layer)[h * d..];
+        let values = &last.cache.values(layer)[h * d..];
+        assert!(keys.len() >= (n - 1) * width + d && values.len() >= (n - 1) * width + d);
+        let q = &qkv[first * 3 * width + h * d..];
+        assert!(q.len() >= (rows - 1) * 3 * width + d);
+        let dst = out_ptr;
+        SCORES.with_borrow_mut(|scores| {
+            scores.resize(rows * n, 0.0);
+            // SAFETY: supports(d) checked AVX2+FMA and d % 8 == 0; q, keys and values were
+            // checked to hold what the kernels read; this task alone writes rows
+            // first..first + rows at columns h·d..(h + 1)·d of `out`.
+            unsafe {
+                x86::group_scores(
+                    q.as_ptr(),
+                    3 * width,
+                    rows,
+                    d,
+                    keys,
+                    width,
+                    scale,
+                    n,
+                    scores,
+                );
+                for g in 0..rows {
+                    let own = places[first + g].pos + 1;
+                    let row = &mut scores[g * n..(g + 1) * n];
+                    simd::softmax(&mut row[..own]);
+                    row[own..].fill(0.0); // later positions belong to later rows
+                }
+                let o = dst.0.add(first * width + h * d);
+                match rows {
+                    1 => x86::group_weighted_sum::<1>(scores, n, values, width, d, o, width),
+                    2 => x86::group_weighted_sum::<2>(scores, n, values, width, d, o, width),
+                    3 => x86::group_weighted_sum::<3>(scores, n, values, width, d, o, width),
+                    4 => x86::group_weighted_sum::<4>(scores, n, values, width, d, o, width),
+                    5 => x86::group_weighted_sum::<5>(scores, n, values, width, d, o, width),
+                    6 => x86::group_weighted_sum::<6>(scores, n, values, width, d, o, width),
+                    7 => x86::group_weighted_sum::<7>(scores, n, values, width, d, o, width),
+                    _ => x86::group_weighted_sum::<8>(scores, n, values, width, d, o, width),
+                }
+            }
+        });
+    });
 }
 
 /// One head of one row: `out = softmax(scale · q·Kᵀ) · V` over `scores.len()` positions, keys
@@ -98,7 +200,8 @@ mod tests {
     fn matches_naive_attention_on_awkward_head_layouts() {
         // gpt2-xl's head layout (25 heads of 64) on a short, odd-length sequence; heads of 40
         // (a partial register group) and of 12 (no SIMD kernel: the portable path).
-        for (n_head, d, len) in [(25, 64, 7), (3, 40, 9), (2, 12, 5)] {
+        // 70 rows of one prompt: groups of 8 and a partial one, positions past a tile.
+        for (n_head, d, len) in [(25, 64, 7), (3, 40, 9), (2, 12, 5), (4, 64, 70)] {
             check_against_naive(n_head, d, len);
         }
     }

@@ -110,3 +110,125 @@ unsafe fn weighted_sum_part<const V: usize>(
         _mm256_storeu_ps(out.as_mut_ptr().add(c + 8 * i), *acc);
     }
 }
+
+/// Query rows that share one pass over a sequence's keys and values in the grouped kernels.
+pub const GROUP: usize = 8;
+
+/// The four sums of `acc`'s lanes, in order.
+#[inline(always)]
+unsafe fn hsum4(acc: [__m256; 4]) -> __m128 {
+    let h = _mm256_hadd_ps(
+        _mm256_hadd_ps(acc[0], acc[1]),
+        _mm256_hadd_ps(acc[2], acc[3]),
+    );
+    _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1))
+}
+
+/// `scores[g * n + s] = scale · q_g · keys[s * stride ..][..d]` for `g < rows` (query `g` at
+/// `q + g * q_stride`) and `s < n`. Keys go four at a time through every pair of query rows, so
+/// each is read from memory once for the whole group and from L1 for the other pairs (a
+/// prompt's rows re-read the same cache otherwise, once per row).
+///
+/// # Safety
+/// AVX2+FMA present, `d` a multiple of 8; `q` valid for `rows` rows of `d` at `q_stride`,
+/// `keys` for `(n - 1) * stride + d` values, `scores` for `rows * n`.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn group_scores(
+    q: *const f32,
+    q_stride: usize,
+    rows: usize,
+    d: usize,
+    keys: &[f32],
+    stride: usize,
+    scale: f32,
+    n: usize,
+    scores: &mut [f32],
+) {
+    assert!(scores.len() >= rows * n && keys.len() >= (n.max(1) - 1) * stride + d);
+    let (pk, ps) = (keys.as_ptr(), scores.as_mut_ptr());
+    let sc = _mm_set1_ps(scale);
+    let mut s = 0;
+    while s + 4 <= n {
+        let mut g = 0;
+        while g < rows {
+            let two = g + 1 < rows;
+            let (q0, q1) = (
+                q.add(g * q_stride),
+                q.add((g + usize::from(two)) * q_stride),
+            );
+            let mut a0 = [_mm256_setzero_ps(); 4];
+            let mut a1 = [_mm256_setzero_ps(); 4];
+            let mut c = 0;
+            while c < d {
+                let (x0, x1) = (_mm256_loadu_ps(q0.add(c)), _mm256_loadu_ps(q1.add(c)));
+                for p in 0..4 {
+                    let k = _mm256_loadu_ps(pk.add((s + p) * stride + c));
+                    a0[p] = _mm256_fmadd_ps(x0, k, a0[p]);
+                    a1[p] = _mm256_fmadd_ps(x1, k, a1[p]);
+                }
+                c += 8;
+            }
+            _mm_storeu_ps(ps.add(g * n + s), _mm_mul_ps(hsum4(a0), sc));
+            if two {
+                _mm_storeu_ps(ps.add((g + 1) * n + s), _mm_mul_ps(hsum4(a1), sc));
+            }
+            g += 2;
+        }
+        s += 4;
+    }
+    for g in 0..rows {
+        let row = std::slice::from_raw_parts(q.add(g * q_stride), d);
+        let tail = &mut scores[g * n + s..g * n + n];
+        if !tail.is_empty() {
+            self::scores(row, &keys[s * stride..], stride, scale, tail);
+        }
+    }
+}
+
+/// `out_g = Σ_{s < n} p[g * n + s] · values[s * stride ..][..d]` for `g < R` (output row `g`
+/// at `out + g * out_stride`): value rows in blocks of 64 positions, each block's 8-wide column
+/// slices summed into all R rows at once while the block stays in L1.
+///
+/// # Safety
+/// AVX2+FMA present, `d` a multiple of 8; `p` holds `R * n` weights, `values`
+/// `(n - 1) * stride + d` values, and `out` is valid for writes of R rows of `d` at
+/// `out_stride` that nobody else touches meanwhile.
+#[target_feature(enable = "avx2,fma")]
+#[inline(never)] // one call per group and head; kept apart so profiles show it
+pub unsafe fn group_weighted_sum<const R: usize>(
+    p: &[f32],
+    n: usize,
+    values: &[f32],
+    stride: usize,
+    d: usize,
+    out: *mut f32,
+    out_stride: usize,
+) {
+    const BLOCK: usize = 64;
+    assert!(p.len() >= R * n && n > 0 && values.len() >= (n - 1) * stride + d);
+    let (pv, pp) = (values.as_ptr(), p.as_ptr());
+    for g in 0..R {
+        std::ptr::write_bytes(out.add(g * out_stride), 0, d);
+    }
+    let mut sb = 0;
+    while sb < n {
+        let se = (sb + BLOCK).min(n);
+        let mut c = 0;
+        while c < d {
+            let mut acc: [__m256; R] =
+                std::array::from_fn(|g| _mm256_loadu_ps(out.add(g * out_stride + c)));
+            for s in sb..se {
+                let v = _mm256_loadu_ps(pv.add(s * stride + c));
+                for (g, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm256_fmadd_ps(_mm256_set1_ps(*pp.add(g * n + s)), v, *acc);
+                }
+            }
+            for (g, acc) in acc.iter().enumerate() {
+                _mm256_storeu_ps(out.add(g * out_stride + c), *acc);
+            }
+            c += 8;
+        }
+        sb = se;
+    }
+}
