@@ -519,6 +519,38 @@ fn int8_and_int4_decode_batches_of_every_gemv_size() {
     }
 }
 
+/// One pass of `feeds[i]` into sequence `cs[i]` on the CPU and `gs[i]` on the GPU (the first
+/// `feeds.len()` of them); the worst relative error over the logits rows asked for.
+fn same_pass(
+    c: &mut dyn Engine,
+    g: &mut dyn Engine,
+    cs: &[gpt2rs::engine::SeqId],
+    gs: &[gpt2rs::engine::SeqId],
+    feeds: &[Vec<u32>],
+    logits: LogitsFor,
+) -> f64 {
+    let batch = |seqs: &[gpt2rs::engine::SeqId]| -> Vec<BatchEntry<'_>> {
+        feeds
+            .iter()
+            .zip(seqs)
+            .map(|(t, &seq)| BatchEntry {
+                seq,
+                tokens: t,
+                logits,
+            })
+            .collect()
+    };
+    let want = c.forward(&batch(cs)).unwrap();
+    let got = g.forward(&batch(gs)).unwrap();
+    let mut worst = 0f64;
+    for e in 0..feeds.len() {
+        for (a, b) in want.entry(e).zip(got.entry(e)) {
+            worst = worst.max(relative_error(a, b));
+        }
+    }
+    worst
+}
+
 #[test]
 fn prompt_chunks_of_awkward_lengths_attend_like_the_cpu() {
     // Prompt chunks' attention runs on the tensor cores in f16 / bf16 (64 query rows and 64
@@ -543,24 +575,8 @@ fn prompt_chunks_of_awkward_lengths_attend_like_the_cpu() {
             let feeds: Vec<Vec<u32>> = (0..sizes.len())
                 .map(|i| tokens(sizes[i], vocab, (7 * step + i) as u64))
                 .collect();
-            let batch = |seqs: &[gpt2rs::engine::SeqId]| -> Vec<BatchEntry<'_>> {
-                feeds
-                    .iter()
-                    .zip(seqs)
-                    .map(|(t, &seq)| BatchEntry {
-                        seq,
-                        tokens: t,
-                        logits: LogitsFor::All,
-                    })
-                    .collect()
-            };
-            let want = c.forward(&batch(&cs)).unwrap();
-            let got = g.forward(&batch(&gs)).unwrap();
-            for e in 0..feeds.len() {
-                for (a, b) in want.entry(e).zip(got.entry(e)) {
-                    worst = worst.max(relative_error(a, b));
-                }
-            }
+            let err = same_pass(&mut c, &mut g, &cs, &gs, &feeds, LogitsFor::All);
+            worst = worst.max(err);
         }
         assert_eq!(g.sequence_len(gs[0]), Some(220));
         eprintln!("prompt chunks {dtype}: worst relative error {worst:.2e}");
@@ -597,22 +613,8 @@ fn decode_over_long_caches_splits_like_the_cpu() {
                 1..=4 => (0..2).map(|i| tokens(1, vocab, 10 * step + i)).collect(),
                 _ => vec![tokens(1, vocab, 10 * step)],
             };
-            let batch = |seqs: &[gpt2rs::engine::SeqId]| -> Vec<BatchEntry<'_>> {
-                feeds
-                    .iter()
-                    .zip(seqs)
-                    .map(|(t, &seq)| BatchEntry {
-                        seq,
-                        tokens: t,
-                        logits: LogitsFor::Last,
-                    })
-                    .collect()
-            };
-            let want = c.forward(&batch(&cs)).unwrap();
-            let got = g.forward(&batch(&gs)).unwrap();
-            for e in 0..feeds.len() {
-                worst = worst.max(relative_error(want.last(e).unwrap(), got.last(e).unwrap()));
-            }
+            let err = same_pass(&mut c, &mut g, &cs, &gs, &feeds, LogitsFor::Last);
+            worst = worst.max(err);
         }
         assert_eq!(g.sequence_len(gs[0]), Some(706));
         eprintln!("long-cache decode {dtype}: worst relative error {worst:.2e}");
