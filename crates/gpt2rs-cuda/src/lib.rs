@@ -10,9 +10,10 @@
 //! Status: f32, f16 and bf16 weights, and int8 / int4 kept in gpt2rs::quant's packed groups
 //! (f16 activations); the whole forward pass on the GPU, checked against the CPU engine on
 //! the device machine; decode steps replay CUDA graphs; next-token picks on the device (greedy,
-//! temperature, top-k, top-p); prompt chunks' attention on the tensor cores (f16 / bf16);
-//! longer passes' residual and MLP products with cuBLASLt's fused epilogues. Not yet: a
-//! flash-decoding attention kernel for long decode contexts (see docs/benchmarks.md). [`probe`] measures a GPU's ceilings for
+//! temperature, top-k, top-p); decode attention split along long caches (flash-decoding);
+//! prompt chunks' attention on the tensor cores (f16 / bf16); longer passes' residual and MLP
+//! products with cuBLASLt's fused epilogues. Not yet: a persistent decode kernel (the batch-1
+//! speed targets; see docs/benchmarks.md). [`probe`] measures a GPU's ceilings for
 //! `gpt2rs bench`.
 
 mod device;
