@@ -162,9 +162,16 @@ fn compile_kernels(major: i32, minor: i32) -> Result<Ptx> {
     let ptx = cudarc::nvrtc::compile_ptx_with_opts(KERNELS, opts)
         .map_err(|e| Error::Device(format!("compiling the CUDA kernels with NVRTC: {e:?}")))?;
     if let Some(path) = &cache {
-        // A cache that cannot be written only costs the next start a compile.
+        // A cache that cannot be written only costs the next start a compile. Written beside
+        // it and renamed into place, so an engine starting at the same time (another
+        // process, or another test thread) never reads half a file.
+        static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = path.with_extension(format!("{}-{n}.tmp", std::process::id()));
         let _ = std::fs::create_dir_all(path.parent().expect("a file in a directory"))
-            .and_then(|_| std::fs::write(path, ptx.to_src()));
+            .and_then(|_| std::fs::write(&tmp, ptx.to_src()))
+            .and_then(|_| std::fs::rename(&tmp, path));
+        let _ = std::fs::remove_file(&tmp);
     }
     Ok(ptx)
 }

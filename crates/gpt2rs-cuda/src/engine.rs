@@ -51,8 +51,20 @@ const MAX_SPLITS: usize = 8;
 /// Shared memory a kernel may use without opting in.
 const DEFAULT_SHARED_BYTES: usize = 48 << 10;
 /// Up to this many rows, matrix products run as our matrix-vector kernels (each weight read
-/// once for all rows); more go to cuBLAS.
+/// once for all rows) or, in f16 / bf16, gemv_tc where it is faster; more go to cuBLAS.
 const GEMV_MAX_ROWS: usize = 8;
+/// kernels.cu's gemv_tc runs products of up to this many rows on the tensor cores (f16 / bf16
+/// weights, sm_80 on), each weight read once for all rows: kernels for up to 8, 16, 32, 64.
+const TC_MAX_ROWS: usize = 64;
+const TC_ROW_TILES: [usize; 4] = [8, 16, 32, 64];
+/// Where gemv_tc is the fastest path by default. Measured on an H200 (docs/benchmarks.md):
+/// from 6 rows the CUDA-core matrix-vector kernels are bound by their FMAs (gpt2-xl at 8
+/// rows: 3.76 ms a step against 2.6 on the tensor cores); above 8, cuBLAS wins at gpt2-xl's
+/// width (gpt2's gains to 16 rows).
+const TC_DEFAULT_ROWS: std::ops::RangeInclusive<usize> = 6..=8;
+/// Weight rows per gemv_tc block (16 · kernels.cu's TC_MT) and its threads (TC_WARPS warps).
+const TC_TILE: usize = 16;
+const TC_THREADS: u32 = 256;
 /// Decode batches up to this many sequences run as CUDA graphs.
 const MAX_GRAPH_ROWS: usize = 256;
 
@@ -157,6 +169,10 @@ struct Pass {
     h: u64,
     q: u64,
     att: u64,
+    /// gemv_tc's partial sums of a tile split along k, and per-tile counts of finished
+    /// blocks (zero between products); fixed sizes (see `tc_blocks`).
+    tc_part: u64,
+    tc_counts: u64,
     /// f32 products of cuBLAS before their epilogue (passes of more than GEMV_MAX_ROWS rows).
     product: u64,
     /// A quantized matrix dequantized for cuBLAS (such passes of an int8 / int4 model), or 0.
@@ -180,6 +196,11 @@ struct MatrixKernels {
     /// `resident_warps[r - 1]`: how many warps of it the whole GPU holds at once.
     resident_warps: Vec<usize>,
     embed: CudaFunction,
+    /// `tc[i]`: products of up to TC_ROW_TILES[i] rows on the tensor cores (f16 and bf16
+    /// weights on sm_80 and later).
+    tc: Option<Vec<CudaFunction>>,
+    /// `tc_resident[i]`: how many blocks of `tc[i]` the whole GPU holds at once.
+    tc_resident: Vec<usize>,
     /// Into f16 for cuBLAS (the integer formats).
     dequantize: Option<CudaFunction>,
 }
@@ -199,10 +220,35 @@ impl MatrixKernels {
                 Ok(blocks.max(1) as usize * (GEMV_THREADS as usize / 32) * dev.sm_count)
             })
             .collect::<Result<_>>()?;
+        let tensor_cores = dev.major >= 8
+            && matches!(
+                format,
+                MatrixFormat::Float(Precision::F16) | MatrixFormat::Float(Precision::Bf16)
+            );
+        let tc = tensor_cores
+            .then(|| {
+                TC_ROW_TILES
+                    .iter()
+                    .map(|r| f(&format!("gemv_tc{}", r / 8)))
+                    .collect::<Result<Vec<_>>>()
+            })
+            .transpose()?;
+        let tc_resident = tc
+            .iter()
+            .flatten()
+            .map(|k| {
+                let blocks = k
+                    .occupancy_max_active_blocks_per_multiprocessor(TC_THREADS, 0, None)
+                    .map_err(device_err("reading a kernel's occupancy"))?;
+                Ok(blocks.max(1) as usize * dev.sm_count)
+            })
+            .collect::<Result<_>>()?;
         Ok(Self {
             gemv,
             resident_warps,
+            tc_resident,
             embed: f("embed")?,
+            tc,
             dequantize: format.is_quantized().then(|| f("dequantize")).transpose()?,
         })
     }
@@ -244,6 +290,13 @@ impl Kernels {
             argmax: f("argmax")?,
             pick_filtered: f("pick_filtered")?,
         })
+    }
+
+    /// The most gemv_tc blocks of any row count and format the GPU holds at once (what bounds
+    /// the split products' partial sums and counts), or 1.
+    fn tc_resident(&self) -> usize {
+        let most = self.matrices.iter().flat_map(|(_, m)| m.tc_resident.iter());
+        most.copied().max().unwrap_or(1)
     }
 
     /// The kernels that read `m`.
@@ -298,6 +351,8 @@ pub struct CudaEngine {
     use_graphs: bool,
     /// Programmatic dependent launch (Hopper and later).
     use_pdl: bool,
+    /// Pass lengths whose products run in gemv_tc (see [`tc_rows_setting`]).
+    tc_rows: std::ops::RangeInclusive<usize>,
     /// See [`Self::uses_attention_mma`].
     use_attention_mma: bool,
     /// See [`Self::attention_splits`].
@@ -356,12 +411,22 @@ impl CudaEngine {
             // GPT2RS_CUDA_GRAPHS=0 launches every kernel of every step (for comparisons).
             use_graphs: std::env::var("GPT2RS_CUDA_GRAPHS").map_or(true, |v| v != "0"),
             use_pdl,
+            // GPT2RS_CUDA_TC=0 sends every product above GEMV_MAX_ROWS rows to cuBLAS.
+            tc_rows: tc_rows_setting(),
             use_attention_mma,
             use_split,
             lt,
             spare: Vec::new(),
             pinned: None,
         })
+    }
+
+    /// Runs the products of passes of `rows` rows on the tensor cores (kernels.cu's gemv_tc,
+    /// within 1-64 rows; where it has kernels), instead of the default (TC_DEFAULT_ROWS) or
+    /// GPT2RS_CUDA_TC_ROWS; for tests and comparisons.
+    pub fn with_tensor_core_rows(mut self, rows: std::ops::RangeInclusive<usize>) -> Self {
+        self.tc_rows = (*rows.start()).max(1)..=(*rows.end()).min(TC_MAX_ROWS);
+        self
     }
 
     /// Bytes of one sequence's KV cache when it holds the whole context (caches grow in
@@ -460,13 +525,16 @@ impl CudaEngine {
 
     /// `x[rows, k]` · `wᵀ` (`x` in the model's precision, `w` `[n, k]` row-major) through
     /// `epi`: up to GEMV_MAX_ROWS rows in one matrix-vector kernel with the epilogue fused,
-    /// more through cuBLAS (f32 into the pass's product buffer) and an elementwise epilogue.
+    /// or on the tensor cores in gemv_tc (fused too) for the pass lengths it takes (see
+    /// `tc_rows`); otherwise through cuBLAS (cuBLASLt's fused epilogues, or f32 into the
+    /// pass's product buffer and an elementwise epilogue).
     fn gemm(&self, p: &Pass, x: u64, rows: usize, w: &DeviceMatrix, epi: Epilogue) -> Result<()> {
         let (n, k) = (w.rows as i32, w.cols as i32);
         let (c, n_layer) = (self.config.n_embd, self.config.n_layer);
         let kernels = self.kernels.of(w);
         let (data, scales) = (w.ptr(&self.dev), w.scales_ptr(&self.dev));
-        if rows <= GEMV_MAX_ROWS {
+        let tc = self.tc_kernel(rows, w);
+        if rows <= GEMV_MAX_ROWS && tc.is_none() {
             let wpr = warps_per_row(w.rows, w.row_bytes(), kernels.resident_warps[rows - 1]);
             let cfg = LaunchConfig {
                 grid_dim: ((w.rows * wpr).div_ceil(8) as u32, 1, 1),
@@ -483,6 +551,25 @@ impl CudaEngine {
             ];
             args.extend(epi.args(p, c, n_layer, true));
             return self.launch(&kernels.gemv[rows - 1], cfg, &args);
+        }
+        if let Some((tc, resident)) = tc {
+            let (tiles, ks) = tc_blocks(w, resident);
+            let cfg = LaunchConfig {
+                grid_dim: (tiles as u32, ks as u32, 1),
+                block_dim: (TC_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut args = vec![
+                Arg::Ptr(x),
+                Arg::Ptr(data),
+                Arg::Int(rows as i32),
+                Arg::Int(n),
+                Arg::Int(k),
+                Arg::Ptr(p.tc_part),
+                Arg::Ptr(p.tc_counts),
+            ];
+            args.extend(epi.args(p, c, n_layer, true));
+            return self.launch(tc, cfg, &args);
         }
         // cuBLAS multiplies like with like: a quantized matrix is expanded first.
         let w_ptr = if let Some(dequantize) = &kernels.dequantize {
@@ -558,6 +645,24 @@ impl CudaEngine {
             },
             &args,
         )
+    }
+
+    /// The tensor-core kernel for a product of `rows` rows (more than GEMV_MAX_ROWS) with `w`,
+    /// if it takes them: f16 / bf16 weights on sm_80 and later, rows up to TC_MAX_ROWS, k a
+    /// multiple of 32; not with GPT2RS_CUDA_TC=0 (for comparisons).
+    /// With the number of its blocks the GPU holds at once.
+    fn tc_kernel(&self, rows: usize, w: &DeviceMatrix) -> Option<(&CudaFunction, usize)> {
+        let kernels = self.kernels.of(w);
+        let tc = kernels.tc.as_ref()?;
+        let fits = self.tc_rows.contains(&rows) && w.cols.is_multiple_of(32);
+        let i = TC_ROW_TILES.iter().position(|&t| rows <= t)?;
+        fits.then(|| (&tc[i], kernels.tc_resident[i]))
+    }
+
+    /// Whether the LM head of a pass picks its plain-pick rows itself (its matrix-vector or
+    /// tensor-core kernel reduces them to their keys), so the keys must start cleared.
+    fn head_picks(&self, wanted: usize) -> bool {
+        wanted <= GEMV_MAX_ROWS || self.tc_kernel(wanted, self.w.lm_head()).is_some()
     }
 
     /// `x · wᵀ` (`w` at `w_ptr` in the activations' type) with a residual or activation
@@ -686,7 +791,7 @@ impl CudaEngine {
         let w = &self.w;
         let dev = &self.dev;
         // The LM head's matrix-vector kernel takes the maximum of the pick keys: clear them.
-        let cleared = if p.wanted <= GEMV_MAX_ROWS {
+        let cleared = if self.head_picks(p.wanted) {
             p.picks
         } else {
             0
@@ -1064,6 +1169,45 @@ fn warps_per_row(rows: usize, row_bytes: usize, resident: usize) -> usize {
     wpr
 }
 
+/// gemv_tc's grid for `w` when the GPU holds `resident` of its blocks at once: tiles of
+/// TC_TILE weight rows, and blocks per tile along k. A matrix with fewer tiles than half the
+/// resident blocks is split along k (at most 8 ways, each block at least one step per warp)
+/// as far as one wave holds: a second wave would pay the memory latency again. So split
+/// matrices have tiles × splits within the resident blocks.
+fn tc_blocks(w: &DeviceMatrix, resident: usize) -> (usize, usize) {
+    let tiles = w.rows.div_ceil(TC_TILE);
+    if 2 * tiles > resident {
+        return (tiles, 1);
+    }
+    let most = (w.cols / 32 / (TC_THREADS as usize / 32)).clamp(1, 8);
+    (tiles, (resident / tiles).clamp(1, most))
+}
+
+/// The pass lengths whose products run on the tensor cores: GPT2RS_CUDA_TC_ROWS=lo-hi (within
+/// 1-64; `0` for none, for comparisons), by default TC_DEFAULT_ROWS.
+fn tc_rows_setting() -> std::ops::RangeInclusive<usize> {
+    let default = TC_DEFAULT_ROWS;
+    let Ok(v) = std::env::var("GPT2RS_CUDA_TC_ROWS") else {
+        return default;
+    };
+    let parsed = v.split_once('-').and_then(|(lo, hi)| {
+        Some((
+            lo.trim().parse::<usize>().ok()?,
+            hi.trim().parse::<usize>().ok()?,
+        ))
+    });
+    match parsed {
+        Some((lo, hi)) => lo.max(1)..=hi.min(TC_MAX_ROWS),
+        // No pass has 0 rows.
+        None => {
+            if v.trim() != "0" {
+                eprintln!("warning: GPT2RS_CUDA_TC_ROWS={v} is neither lo-hi nor 0: no products run on gemv_tc");
+            }
+            0..=0
+        }
+    }
+}
+
 /// Bytes of the per-pass inputs per row of scratch (see `forward`).
 const META_BYTES_PER_ROW: usize = 52;
 
@@ -1381,6 +1525,11 @@ impl Engine for CudaEngine {
                 cap * cfg.n_head * splits * (cfg.head_dim() + 2) * 4,
             )?,
             split_counts: self.zeroed_scratch("split_counts", cap * cfg.n_head * 4)?,
+            tc_part: self.scratch(
+                "tc_part",
+                self.kernels.tc_resident() * TC_TILE * TC_MAX_ROWS * 4,
+            )?,
+            tc_counts: self.zeroed_scratch("tc_counts", self.kernels.tc_resident() * 4)?,
             x: self.scratch("x", cap * c * 4)?,
             h: self.scratch("h", cap * c * es)?,
             q: self.scratch("q", cap * c * 4)?,

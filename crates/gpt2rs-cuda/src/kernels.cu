@@ -1259,6 +1259,190 @@ __device__ void gemv(const typename S::T* __restrict__ x, const unsigned char* _
     }
 }
 
+// x · wᵀ for 9 to 8·NT rows on the tensor cores (f16 / bf16 weights and activations, k a
+// multiple of 32): decode batches and short mixed passes, each weight still read once for all
+// rows, with gemv's epilogues (picks included). Block (tile, ks) of TC_WARPS warps takes 16·MT
+// weight rows as mma A tiles and all rows of x as NT B tiles of 8 rows, over its share of the
+// 32-wide k steps, which its warps take in turn, TC_UNROLL steps' weights in flight at once. In a step lane (g, t) loads 16 bytes of
+// weight rows g and g + 8 and of x row g, at k + 8t: mma's k order inside a step is permuted
+// the same way for both operands, so the sums are unchanged and no shuffle or shared-memory
+// staging is needed. The warps meet in shared memory. With gridDim.y = KS > 1 (matrices with
+// too few tiles to fill the GPU) each block writes its tile's partial sums to `part`, and the
+// last of the tile's blocks adds them in ks order (the result does not depend on timing) and
+// resets the tile's count.
+#define TC_WARPS 8
+#define TC_MT 1
+#define TC_UNROLL 4
+template <class S, int NT>
+__device__ void gemv_tc(const typename S::T* __restrict__ x, const typename S::T* __restrict__ w,
+                        int rows, int n, int k, float* part, unsigned int* counts,
+                        const Epi<S>& e) {
+    const int MT = TC_MT, TR = 16 * MT, TC = 8 * NT, HALF = TC_WARPS / 2;
+    const int ELEMS = TR * TC, PER = (ELEMS + 32 * TC_WARPS - 1) / (32 * TC_WARPS);
+    __shared__ float red[HALF][TR][TC + 1];
+    __shared__ unsigned long long best[TC];
+    __shared__ bool last;
+    pdl_launch_next();
+    int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    int tile = blockIdx.x, ks = blockIdx.y, KS = gridDim.y, j0 = tile * TR;
+    int steps = k >> 5, s_lo = steps * ks / KS, s_hi = steps * (ks + 1) / KS;
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+    const uint4* wr[MT][2];
+    bool wok[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            int j = j0 + 16 * mt + 8 * h + g;
+            wok[mt][h] = j < n;
+            wr[mt][h] = (const uint4*)(w + (size_t)(j < n ? j : 0) * k) + t;
+        }
+    // Each warp takes every TC_WARPS-th step of the block's range, TC_UNROLL at a time (a
+    // round), with two rounds' weights in registers: the next round's loads are in flight
+    // while this one's products run (the buffers alternate by name, so nothing waits on a
+    // register copy). x comes from L2 one step ahead of its products.
+    const int U = NT >= 8 ? TC_UNROLL / 2 : TC_UNROLL, ROUND = TC_WARPS * U;
+    typedef uint4 Round[U][MT][2];
+    auto load_round = [&](Round& a, int base) {
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            int st = base + u * TC_WARPS;
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                for (int h = 0; h < 2; h++)
+                    a[u][mt][h] = st < s_hi && wok[mt][h] ? __ldg(wr[mt][h] + 4 * st) : zero;
+        }
+    };
+    Round ra, rb;
+    int base = s_lo + warp;
+    // The first round's weights stream in while the previous kernel finishes.
+    load_round(ra, base);
+    pdl_wait();
+    const uint4* xr[NT];
+    bool xok[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+        int r = 8 * nt + g;
+        xok[nt] = r < rows;
+        xr[nt] = (const uint4*)(x + (size_t)(r < rows ? r : 0) * k) + t;
+    }
+    float acc[MT][NT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int q = 0; q < 4; q++) acc[mt][nt][q] = 0.f;
+    auto load_x = [&](uint4* b, int st) {
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) b[nt] = st < s_hi && xok[nt] ? xr[nt][4 * st] : zero;
+    };
+    auto products = [&](const Round& a, int base) {
+        uint4 b[U][NT];
+        load_x(b[0], base);
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            if (base + u * TC_WARPS >= s_hi) break;
+            if (u + 1 < U) load_x(b[u + 1], base + (u + 1) * TC_WARPS);
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) {
+                // Lane (g, t) holds k + 8t .. 8t + 7 of rows g (lo) and g + 8 (hi): mma's k
+                // slots 2t, 2t + 1, 2t + 8, 2t + 9 are the first four, then the last four.
+                const uint4 lo = a[u][mt][0], hi = a[u][mt][1];
+                const unsigned int a0[4] = {lo.x, hi.x, lo.y, hi.y};
+                const unsigned int a1[4] = {lo.z, hi.z, lo.w, hi.w};
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++) {
+                    Mma<S>::run(acc[mt][nt], a0, b[u][nt].x, b[u][nt].y);
+                    Mma<S>::run(acc[mt][nt], a1, b[u][nt].z, b[u][nt].w);
+                }
+            }
+        }
+    };
+    for (; base < s_hi; base += 2 * ROUND) {
+        load_round(rb, base + ROUND);
+        products(ra, base);
+        if (base + ROUND >= s_hi) break;
+        load_round(ra, base + 2 * ROUND);
+        products(rb, base + ROUND);
+    }
+    // The warps' sums into one per tile element: the second half hands theirs to the first,
+    // which then leave theirs in `red`. Accumulator q is weight row g (+ 8 for q >= 2) and x
+    // row 2t (+ 1 for odd q) of its tile.
+    auto share = [&](bool add) {
+        float(*mine)[TC + 1] = red[warp % HALF];
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                for (int q = 0; q < 4; q++) {
+                    float& cell = mine[16 * mt + g + 8 * (q >> 1)][8 * nt + 2 * t + (q & 1)];
+                    if (add) acc[mt][nt][q] += cell;
+                    else cell = acc[mt][nt][q];
+                }
+    };
+    if (warp >= HALF) share(false);
+    if (tid < TC) best[tid] = 0;
+    __syncthreads();
+    if (warp < HALF) share(true);
+    __syncthreads();
+    if (warp < HALF) share(false);
+    __syncthreads();
+    // Element idx of the tile: weight row idx % TR (consecutive threads, so the epilogue's
+    // writes are coalesced), x row idx / TR.
+    float v[PER];
+#pragma unroll
+    for (int q = 0; q < PER; q++) {
+        int idx = tid + q * 32 * TC_WARPS, i = idx % TR, r = idx / TR;
+        float sum = 0.f;
+        if (idx < ELEMS) {
+#pragma unroll
+            for (int h = 0; h < HALF; h++) sum += red[h][i][r];
+        }
+        v[q] = sum;
+    }
+    if (KS > 1) {
+        float* tile_part = part + (size_t)tile * KS * ELEMS;
+#pragma unroll
+        for (int q = 0; q < PER; q++) {
+            int idx = tid + q * 32 * TC_WARPS;
+            if (idx < ELEMS) tile_part[(size_t)ks * ELEMS + idx] = v[q];
+        }
+        __threadfence();
+        __syncthreads();
+        if (tid == 0) last = atomicAdd(counts + tile, 1u) == (unsigned int)KS - 1;
+        __syncthreads();
+        if (!last) return;
+        __threadfence();
+#pragma unroll
+        for (int q = 0; q < PER; q++) {
+            int idx = tid + q * 32 * TC_WARPS;
+            float sum = 0.f;
+            for (int z = 0; idx < ELEMS && z < KS; z++)
+                sum += __ldcg(tile_part + (size_t)z * ELEMS + idx);
+            v[q] = sum;
+        }
+        if (tid == 0) counts[tile] = 0;
+    }
+    bool picking = e.mode == EPI_PLAIN && e.first_pick < rows;
+#pragma unroll
+    for (int q = 0; q < PER; q++) {
+        int idx = tid + q * 32 * TC_WARPS, j = j0 + idx % TR, r = idx / TR;
+        if (j >= n || r >= rows) continue;  // (rows <= TC: idx < ELEMS)
+        if (picking && r >= e.first_pick) {
+            float score = pick_score(v[q], r - e.first_pick, j, e.pick_inv_t, e.pick_seeds);
+            atomicMax(&best[r], pick_key(score, j));
+        } else {
+            epilogue<S>(e, v[q], r, j, n);
+        }
+    }
+    if (!picking) return;
+    __syncthreads();
+    if (tid >= e.first_pick && tid < rows) atomicMax(e.picks + (tid - e.first_pick), best[tid]);
+}
+
 // The epilogues after a cuBLAS product y[rows, n] (f32), elementwise (longer passes' path).
 template <class S>
 __device__ void epilogue_rows(const float* y, int rows, int n, const Epi<S>& e) {
@@ -1364,6 +1548,15 @@ INSTANTIATE(BF16, bf16)
 WEIGHT_KERNELS(F32, WFloat<F32>, f32)
 WEIGHT_KERNELS(F16, WFloat<F16>, f16)
 WEIGHT_KERNELS(BF16, WFloat<BF16>, bf16)
+// Tensor-core products of up to 64 rows (see gemv_tc) for f16 and bf16 weights.
+#define GEMV_TC(S, name, NT)                                                                  \
+    extern "C" __global__ void __launch_bounds__(32 * TC_WARPS, 2)                             \
+        gemv_tc##NT##_##name(const S::T* x, const S::T* w, int rows, int n, int k,            \
+                             float* part, unsigned int* counts, EPI_PARAMS(S)) {              \
+        gemv_tc<S, NT>(x, w, rows, n, k, part, counts, EPI_VALUE(S));                         \
+    }
+GEMV_TC(F16, f16, 1) GEMV_TC(F16, f16, 2) GEMV_TC(F16, f16, 4) GEMV_TC(F16, f16, 8)
+GEMV_TC(BF16, bf16, 1) GEMV_TC(BF16, bf16, 2) GEMV_TC(BF16, bf16, 4) GEMV_TC(BF16, bf16, 8)
 // Integer weights run with f16 activations (and KV cache), and expand into f16 for cuBLAS.
 #define QUANT_KERNELS(W, name)                                                                \
     WEIGHT_KERNELS(F16, W, name)                                                              \
