@@ -12,8 +12,10 @@
 //! the device machine; decode steps replay CUDA graphs; next-token picks on the device (greedy,
 //! temperature, top-k, top-p); decode attention split along long caches (flash-decoding);
 //! prompt chunks' attention on the tensor cores (f16 / bf16); longer passes' residual and MLP
-//! products with cuBLASLt's fused epilogues. Not yet: a persistent decode kernel (the batch-1
-//! speed targets; see docs/benchmarks.md). [`probe`] measures a GPU's ceilings for
+//! products with cuBLASLt's fused epilogues; f16 / bf16 products of 6 to 8 rows on the tensor
+//! cores (its kernels take up to 64, but above 8 cuBLAS is faster at gpt2-xl's width). Not
+//! yet: a persistent decode kernel (the batch-1 speed targets), a skinny tensor-core product
+//! that beats cuBLAS from 9 to 64 rows (batch-32 target); see docs/benchmarks.md. [`probe`] measures a GPU's ceilings for
 //! `gpt2rs bench`.
 
 mod device;
