@@ -9,7 +9,7 @@
 //! in a compact format are dequantized a block of rows at a time into a buffer that stays in
 //! cache, and each block is multiplied there.
 
-use super::{qdot, simd, tile};
+use super::{panel, qdot, simd, tile};
 use crate::quant::{groups, Q8Acts, QData, QMatrix, GROUP};
 use rayon::prelude::*;
 
@@ -117,8 +117,10 @@ fn streaming(x: &[f32], rows: usize, w: &QMatrix, bias: Option<&[f32]>, out: &mu
     });
 }
 
-/// Weight rows are split over the threads in blocks; each block's tiles read the weights in
-/// place (f32) or dequantize [`tile::NR`] rows at a time into a buffer that stays in L1.
+/// Weight rows are split over the threads in blocks. f32 weights are read in place by the
+/// panel kernels, against `x` transposed once per call (or by the tile kernels, with
+/// GPT2RS_CPU_PANEL=0, for comparisons); the compact formats are dequantized [`tile::NR`]
+/// rows at a time into a buffer that stays in L1, for the tile kernels.
 fn tiles(
     isa: tile::Isa,
     x: &[f32],
@@ -129,8 +131,17 @@ fn tiles(
 ) {
     let (n, k) = (w.rows, w.cols);
     let threads = rayon::current_num_threads();
+    let f32_weights = matches!(w.data, QData::F32(_));
+    let mut xt = Vec::new();
+    let panels = f32_weights && use_panels();
+    let mp = if panels {
+        panel::transpose(isa, x, rows, k, &mut xt)
+    } else {
+        0
+    };
+    // Blocks of whole kernels: 24 is a multiple of every panel kernel's rows and of NR.
     let block = (n.div_ceil(threads * 4))
-        .next_multiple_of(tile::NR)
+        .next_multiple_of(24)
         .max(48)
         .min(n.next_multiple_of(tile::NR));
     let out_ptr = OutPtr(out.as_mut_ptr());
@@ -142,9 +153,10 @@ fn tiles(
             let mut j = j0;
             while j < j1 {
                 // f32 weights are used where they lie, the whole block at once.
-                let nb = match &w.data {
-                    QData::F32(_) => j1 - j,
-                    _ => tile::NR.min(j1 - j),
+                let nb = if f32_weights {
+                    j1 - j
+                } else {
+                    tile::NR.min(j1 - j)
                 };
                 let wb = match &w.data {
                     QData::F32(d) => &d[j * k..(j + nb) * k],
@@ -159,10 +171,22 @@ fn tiles(
                 let b = bias.map(|b| &b[j..j + nb]);
                 // SAFETY: `isa` came from tile::best(); columns j..j+nb of every output row
                 // belong to this task alone.
-                unsafe { tile::x_wt(isa, x, rows, k, wb, nb, b, out.add(j), n) };
+                unsafe {
+                    if panels {
+                        panel::xt_wt(isa, &xt, mp, rows, k, wb, nb, b, out.add(j), n);
+                    } else {
+                        tile::x_wt(isa, x, rows, k, wb, nb, b, out.add(j), n);
+                    }
+                }
                 j += nb;
             }
         });
+}
+
+/// Whether f32 batches use the panel kernels (GPT2RS_CPU_PANEL=0: the tile kernels).
+fn use_panels() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("GPT2RS_CPU_PANEL").map_or(true, |v| v != "0"))
 }
 
 /// `dst[t, j] (+)= Σ_kk x[t, kk] · w[j, kk]` for `t < rows`, `j < n`: the gemm crate's call for

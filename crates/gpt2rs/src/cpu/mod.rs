@@ -5,6 +5,7 @@
 mod attention;
 mod kv_cache;
 pub mod matmul;
+mod panel;
 pub mod qdot;
 pub mod roofline;
 pub mod simd;

@@ -42,7 +42,7 @@ pub fn best() -> Option<Isa> {
 
 /// Whether `isa` runs on this CPU.
 #[cfg(test)]
-fn supported(isa: Isa) -> bool {
+pub(super) fn supported(isa: Isa) -> bool {
     matches!(
         (best(), isa),
         (Some(Isa::Avx512), _) | (Some(Isa::Avx2), Isa::Avx2)
