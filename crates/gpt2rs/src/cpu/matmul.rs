@@ -117,10 +117,10 @@ fn streaming(x: &[f32], rows: usize, w: &QMatrix, bias: Option<&[f32]>, out: &mu
     });
 }
 
-/// Weight rows are split over the threads in blocks. f32 weights are read in place by the
-/// panel kernels, against `x` transposed once per call (or by the tile kernels, with
-/// GPT2RS_CPU_PANEL=0, for comparisons); the compact formats are dequantized [`tile::NR`]
-/// rows at a time into a buffer that stays in L1, for the tile kernels.
+/// Weight rows are split over the threads in blocks, multiplied by the panel kernels against
+/// `x` transposed once per call: f32 weights where they lie, the compact formats dequantized
+/// PANEL_ROWS rows at a time into a buffer that stays in L2. (GPT2RS_CPU_PANEL=0: the tile
+/// kernels instead, with [`tile::NR`] rows dequantized at a time; for comparisons.)
 fn tiles(
     isa: tile::Isa,
     x: &[f32],
@@ -133,7 +133,7 @@ fn tiles(
     let threads = rayon::current_num_threads();
     let f32_weights = matches!(w.data, QData::F32(_));
     let mut xt = Vec::new();
-    let panels = f32_weights && use_panels();
+    let panels = use_panels();
     let mp = if panels {
         panel::transpose(isa, x, rows, k, &mut xt)
     } else {
@@ -155,6 +155,8 @@ fn tiles(
                 // f32 weights are used where they lie, the whole block at once.
                 let nb = if f32_weights {
                     j1 - j
+                } else if panels {
+                    PANEL_ROWS.min(j1 - j)
                 } else {
                     tile::NR.min(j1 - j)
                 };
@@ -183,7 +185,11 @@ fn tiles(
         });
 }
 
-/// Whether f32 batches use the panel kernels (GPT2RS_CPU_PANEL=0: the tile kernels).
+/// Rows of a compact-format matrix dequantized at once for the panel kernels: a multiple of
+/// every kernel's rows, 24 × 6400 floats (600 KB) at most, within L2.
+const PANEL_ROWS: usize = 24;
+
+/// Whether batches use the panel kernels (GPT2RS_CPU_PANEL=0: the tile kernels).
 fn use_panels() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("GPT2RS_CPU_PANEL").map_or(true, |v| v != "0"))
