@@ -206,54 +206,27 @@ mod tests {
 
     #[test]
     fn panels_match_a_plain_loop_on_awkward_shapes() {
-        let isas: Vec<Isa> = [Isa::Avx2, Isa::Avx512]
-            .into_iter()
-            .filter(|&isa| super::super::tile::supported(isa))
-            .collect();
-        if isas.is_empty() {
-            eprintln!("skipped: this CPU has no panel kernels");
-        }
-        let val = |i: usize, s: u32| ((i as u32).wrapping_mul(2654435761) ^ s) % 2001;
-        for isa in isas {
-            // Input rows on both sides of every vector count (and past 4 vectors), weight
-            // blocks with remainders, gpt2-xl's width.
-            for &(m, nb, k) in &[
-                (1, 1, 1),
-                (5, 13, 7),
-                (9, 25, 1600),
-                (17, 14, 33),
-                (32, 12, 64),
-                (33, 7, 71),
-                (49, 26, 40),
-                (64, 6, 19),
-                (70, 5, 24),
-            ] {
-                let x: Vec<f32> = (0..m * k).map(|i| val(i, 1) as f32 / 1e3 - 1.0).collect();
-                let w: Vec<f32> = (0..nb * k).map(|i| val(i, 2) as f32 / 1e3 - 1.0).collect();
-                let b: Vec<f32> = (0..nb).map(|i| val(i, 3) as f32 / 1e3).collect();
+        // Input rows on both sides of every vector count (and past 4 vectors), weight blocks
+        // with remainders, gpt2-xl's width.
+        let shapes = [
+            (1, 1, 1),
+            (5, 13, 7),
+            (9, 25, 1600),
+            (17, 14, 33),
+            (32, 12, 64),
+            (33, 7, 71),
+            (49, 26, 40),
+            (64, 6, 19),
+            (70, 5, 24),
+        ];
+        super::super::tile::check_against_a_plain_loop(
+            &shapes,
+            &|isa, x, m, k, w, nb, bias, out, ldo| {
                 let mut xt = vec![];
-                let mp = transpose(isa, &x, m, k, &mut xt);
-                let ldo = nb + 2;
-                for bias in [None, Some(b.as_slice())] {
-                    let mut out = vec![f32::NAN; m * ldo];
-                    // SAFETY: the ISA runs here; out holds m rows of stride ldo ≥ nb.
-                    unsafe { xt_wt(isa, &xt, mp, m, k, &w, nb, bias, out.as_mut_ptr(), ldo) };
-                    for t in 0..m {
-                        for j in 0..nb {
-                            let want: f64 = (0..k)
-                                .map(|i| x[t * k + i] as f64 * w[j * k + i] as f64)
-                                .sum::<f64>()
-                                + bias.map_or(0.0, |b| b[j] as f64);
-                            let got = out[t * ldo + j] as f64;
-                            assert!(
-                                (got - want).abs() < 1e-4 * (1.0 + want.abs()),
-                                "{isa:?} m={m} nb={nb} k={k} ({t},{j}): {got} vs {want}"
-                            );
-                        }
-                        assert!(out[t * ldo + nb].is_nan(), "wrote past the block");
-                    }
-                }
-            }
-        }
+                let mp = transpose(isa, x, m, k, &mut xt);
+                // SAFETY: the ISA runs here; out holds m rows of stride ldo ≥ nb.
+                unsafe { xt_wt(isa, &xt, mp, m, k, w, nb, bias, out, ldo) }
+            },
+        );
     }
 }

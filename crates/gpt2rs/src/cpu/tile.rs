@@ -207,54 +207,73 @@ unsafe fn hsum256(v: std::arch::x86_64::__m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
+/// A product kernel under test: `(isa, x, m, k, w, nb, bias, out, ldo)` must leave
+/// `out[t * ldo + j] = Σ x[t, kk] · w[j, kk] + bias[j]` for `t < m`, `j < nb`, nothing else.
+#[cfg(test)]
+pub(super) type KernelUnderTest<'a> =
+    &'a dyn Fn(Isa, &[f32], usize, usize, &[f32], usize, Option<&[f32]>, *mut f32, usize);
+
+/// Runs `kernel` on every ISA this CPU has, for each `(m, nb, k)` in `shapes`, with and
+/// without a bias, against a plain f64 loop (and checks it writes nothing past the block).
+#[cfg(test)]
+pub(super) fn check_against_a_plain_loop(
+    shapes: &[(usize, usize, usize)],
+    kernel: KernelUnderTest,
+) {
+    let isas: Vec<Isa> = [Isa::Avx2, Isa::Avx512]
+        .into_iter()
+        .filter(|&isa| supported(isa))
+        .collect();
+    if isas.is_empty() {
+        eprintln!("skipped: this CPU has no tile or panel kernels");
+    }
+    let val = |i: usize, s: u32| ((i as u32).wrapping_mul(2654435761) ^ s) % 2001;
+    for isa in isas {
+        for &(m, nb, k) in shapes {
+            let x: Vec<f32> = (0..m * k).map(|i| val(i, 1) as f32 / 1e3 - 1.0).collect();
+            let w: Vec<f32> = (0..nb * k).map(|i| val(i, 2) as f32 / 1e3 - 1.0).collect();
+            let b: Vec<f32> = (0..nb).map(|i| val(i, 3) as f32 / 1e3).collect();
+            // A wider output row than nb, to check the stride.
+            let ldo = nb + 2;
+            for bias in [None, Some(b.as_slice())] {
+                let mut out = vec![f32::NAN; m * ldo];
+                kernel(isa, &x, m, k, &w, nb, bias, out.as_mut_ptr(), ldo);
+                for t in 0..m {
+                    for j in 0..nb {
+                        let want: f64 = (0..k)
+                            .map(|i| x[t * k + i] as f64 * w[j * k + i] as f64)
+                            .sum::<f64>()
+                            + bias.map_or(0.0, |b| b[j] as f64);
+                        let got = out[t * ldo + j] as f64;
+                        assert!(
+                            (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                            "{isa:?} m={m} nb={nb} k={k} ({t},{j}): {got} vs {want}"
+                        );
+                    }
+                    assert!(out[t * ldo + nb].is_nan(), "wrote past the block");
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn tiles_match_a_plain_loop_on_awkward_shapes() {
-        let isas: Vec<Isa> = [Isa::Avx2, Isa::Avx512]
-            .into_iter()
-            .filter(|&isa| supported(isa))
-            .collect();
-        if isas.is_empty() {
-            eprintln!("skipped: this CPU has no tile kernels");
-        }
-        let val = |i: usize, s: u32| ((i as u32).wrapping_mul(2654435761) ^ s) % 2001;
-        for isa in isas {
-            for &(m, nb, k) in &[
-                (1, 1, 1),
-                (5, 7, 13),
-                (4, 3, 8),
-                (9, 10, 1600),
-                (33, 5, 71),
-                (15, 4, 40),
-            ] {
-                let x: Vec<f32> = (0..m * k).map(|i| val(i, 1) as f32 / 1e3 - 1.0).collect();
-                let w: Vec<f32> = (0..nb * k).map(|i| val(i, 2) as f32 / 1e3 - 1.0).collect();
-                let b: Vec<f32> = (0..nb).map(|i| val(i, 3) as f32 / 1e3).collect();
-                // A wider output row than nb, to check the stride.
-                let ldo = nb + 2;
-                for bias in [None, Some(b.as_slice())] {
-                    let mut out = vec![f32::NAN; m * ldo];
-                    // SAFETY: supported(isa) checked; out holds m rows of stride ldo ≥ nb.
-                    unsafe { x_wt(isa, &x, m, k, &w, nb, bias, out.as_mut_ptr(), ldo) };
-                    for t in 0..m {
-                        for j in 0..nb {
-                            let want: f64 = (0..k)
-                                .map(|i| x[t * k + i] as f64 * w[j * k + i] as f64)
-                                .sum::<f64>()
-                                + bias.map_or(0.0, |b| b[j] as f64);
-                            let got = out[t * ldo + j] as f64;
-                            assert!(
-                                (got - want).abs() < 1e-4 * (1.0 + want.abs()),
-                                "{isa:?} m={m} nb={nb} k={k} ({t},{j}): {got} vs {want}"
-                            );
-                        }
-                        assert!(out[t * ldo + nb].is_nan(), "wrote past the block");
-                    }
-                }
-            }
-        }
+        let shapes = [
+            (1, 1, 1),
+            (5, 7, 13),
+            (4, 3, 8),
+            (9, 10, 1600),
+            (33, 5, 71),
+            (15, 4, 40),
+        ];
+        check_against_a_plain_loop(&shapes, &|isa, x, m, k, w, nb, bias, out, ldo| {
+            // SAFETY: the ISA runs here; out holds m rows of stride ldo ≥ nb.
+            unsafe { x_wt(isa, x, m, k, w, nb, bias, out, ldo) }
+        });
     }
 }
