@@ -411,7 +411,6 @@ impl CudaEngine {
             // GPT2RS_CUDA_GRAPHS=0 launches every kernel of every step (for comparisons).
             use_graphs: std::env::var("GPT2RS_CUDA_GRAPHS").map_or(true, |v| v != "0"),
             use_pdl,
-            // GPT2RS_CUDA_TC=0 sends every product above GEMV_MAX_ROWS rows to cuBLAS.
             tc_rows: tc_rows_setting(),
             use_attention_mma,
             use_split,
@@ -647,10 +646,9 @@ impl CudaEngine {
         )
     }
 
-    /// The tensor-core kernel for a product of `rows` rows (more than GEMV_MAX_ROWS) with `w`,
-    /// if it takes them: f16 / bf16 weights on sm_80 and later, rows up to TC_MAX_ROWS, k a
-    /// multiple of 32; not with GPT2RS_CUDA_TC=0 (for comparisons).
-    /// With the number of its blocks the GPU holds at once.
+    /// The tensor-core kernel for a product of `rows` rows with `w`, and how many of its blocks
+    /// the GPU holds at once, if it takes them: f16 / bf16 weights on sm_80 and later, a pass
+    /// length in `tc_rows`, k a multiple of 32.
     fn tc_kernel(&self, rows: usize, w: &DeviceMatrix) -> Option<(&CudaFunction, usize)> {
         let kernels = self.kernels.of(w);
         let tc = kernels.tc.as_ref()?;

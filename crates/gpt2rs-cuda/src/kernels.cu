@@ -1259,11 +1259,11 @@ __device__ void gemv(const typename S::T* __restrict__ x, const unsigned char* _
     }
 }
 
-// x · wᵀ for 9 to 8·NT rows on the tensor cores (f16 / bf16 weights and activations, k a
+// x · wᵀ for up to 8·NT rows on the tensor cores (f16 / bf16 weights and activations, k a
 // multiple of 32): decode batches and short mixed passes, each weight still read once for all
 // rows, with gemv's epilogues (picks included). Block (tile, ks) of TC_WARPS warps takes 16·MT
 // weight rows as mma A tiles and all rows of x as NT B tiles of 8 rows, over its share of the
-// 32-wide k steps, which its warps take in turn, TC_UNROLL steps' weights in flight at once. In a step lane (g, t) loads 16 bytes of
+// 32-wide k steps, which its warps take in turn. In a step lane (g, t) loads 16 bytes of
 // weight rows g and g + 8 and of x row g, at k + 8t: mma's k order inside a step is permuted
 // the same way for both operands, so the sums are unchanged and no shuffle or shared-memory
 // staging is needed. The warps meet in shared memory. With gridDim.y = KS > 1 (matrices with
