@@ -77,7 +77,13 @@ enum Epilogue {
     Plain { out: u64, first_pick: usize },
     /// `act(v + bias)` in the model's precision into `out` (the MLP's first layer; act: 0
     /// gelu-tanh, 1 gelu-erf, 2 relu).
-    Act { bias: u64, out: u64, act: i32 },
+    /// `half_bias`: the bias in the model's precision, for cuBLASLt (0 for f32 models).
+    Act {
+        bias: u64,
+        half_bias: u64,
+        out: u64,
+        act: i32,
+    },
     /// `x += v + bias` in f32: a projection back into the residual stream.
     Residual { bias: u64, x: u64 },
     /// The QKV projection plus bias: q (× scale, f32) into `q`, keys and values into each
@@ -101,7 +107,7 @@ impl Epilogue {
                 (0, out, 0, 0, 0, 0, 1.0, first_pick as i32)
             }
             Self::Plain { out, .. } => (0, out, 0, 0, 0, 0, 1.0, none),
-            Self::Act { bias, out, act } => (1, 0, bias, out, act, 0, 1.0, none),
+            Self::Act { bias, out, act, .. } => (1, 0, bias, out, act, 0, 1.0, none),
             Self::Residual { bias, x } => (2, x, bias, 0, 0, 0, 1.0, none),
             Self::Qkv {
                 bias,
@@ -450,7 +456,7 @@ impl CudaEngine {
         // x, h, q, att, product, m: the scratch buffers of `forward`.
         let per_row = c * 4 + c * es + c * 4 + c * es + (3 * c).max(inner) * 4 + inner * es;
         // Logits (and picked ids) of every sequence.
-        let logits = sequences.next_power_of_two() * (config.vocab_size + 1) * 4;
+        let logits = sequences.next_power_of_two() * (logits_stride(config.vocab_size) + 2) * 4;
         let format = MatrixFormat::on_gpu(dtype, p);
         // Passes longer than the matrix-vector kernels take dequantize each matrix for cuBLAS.
         let dequantized = if format.is_quantized() && rows > GEMV_MAX_ROWS {
@@ -596,9 +602,9 @@ impl CudaEngine {
         if self.fused_product(x, rows, w, w_ptr, epi)? {
             return Ok(());
         }
-        let out = match epi {
-            Epilogue::Plain { out, .. } => out,
-            _ => p.product,
+        let (out, ldc) = match epi {
+            Epilogue::Plain { out, .. } => (out, logits_stride(w.rows) as i32),
+            _ => (p.product, n),
         };
         let ty = self.precision.cuda_type();
         let (alpha, beta) = (1f32, 0f32);
@@ -623,7 +629,7 @@ impl CudaEngine {
                 &beta as *const f32 as *const c_void,
                 out as *mut c_void,
                 cudaDataType_t::CUDA_R_32F,
-                n,
+                ldc,
                 cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
@@ -632,13 +638,14 @@ impl CudaEngine {
         if let Epilogue::Plain { first_pick, .. } = epi {
             return self.argmax(p, first_pick, rows);
         }
-        let total = rows as u64 * n as u64;
         let mut args = vec![Arg::Ptr(p.product), Arg::Int(rows as i32), Arg::Int(n)];
         args.extend(epi.args(p, c, n_layer, false));
+        // kernels.cu's epilogue_rows: 4 columns a thread, a row (or several) a block's y.
+        let across = (n as usize).div_ceil(4 * ROW_THREADS as usize) as u32;
         self.launch(
             &self.kernels.epilogue_rows,
             LaunchConfig {
-                grid_dim: (total.div_ceil(ROW_THREADS as u64).min(65_535) as u32, 1, 1),
+                grid_dim: (across, rows.min(65_535) as u32, 1),
                 block_dim: (ROW_THREADS, 1, 1),
                 shared_mem_bytes: 0,
             },
@@ -677,16 +684,25 @@ impl CudaEngine {
         let Some(lt) = &self.lt else {
             return Ok(false);
         };
-        let (fused, bias, out) = match epi {
-            Epilogue::Residual { bias, x } => (Fused::Residual, bias, x),
-            Epilogue::Act { bias, out, act: 0 } => (Fused::Gelu, bias, out),
-            Epilogue::Act { bias, out, act: 2 } => (Fused::Relu, bias, out),
+        let (fused, bias, half_bias, out) = match epi {
+            Epilogue::Residual { bias, x } => (Fused::Residual, bias, 0, x),
+            Epilogue::Act {
+                bias,
+                half_bias,
+                out,
+                act,
+            } => match act {
+                0 => (Fused::Gelu, bias, half_bias, out),
+                2 => (Fused::Relu, bias, half_bias, out),
+                _ => return Ok(false),
+            },
             _ => return Ok(false),
         };
         let ops = Operands {
             x,
             w: w_ptr,
             bias,
+            half_bias,
             out,
         };
         let half = self.precision == Precision::F16;
@@ -844,6 +860,7 @@ impl CudaEngine {
             self.gemm(p, att, rows, &lw.attn_out.w, attn_out)?;
             let mlp_act = Epilogue::Act {
                 bias: lw.mlp_in.b.ptr(dev),
+                half_bias: lw.mlp_in_half_bias.as_ref().map_or(0, |b| b.ptr(dev)),
                 out: m,
                 act,
             };
@@ -1539,7 +1556,7 @@ impl Engine for CudaEngine {
                 0
             },
             m: self.scratch("m", cap * inner * es)?,
-            logits: self.scratch("logits", wcap * v * 4)?,
+            logits: self.scratch("logits", wcap * logits_stride(v) * 4)?,
         };
         // Decode steps (one token per sequence) replay a CUDA graph of the whole pass, captured
         // the first time this batch shape is seen: one launch instead of ~10 per layer.
@@ -1574,10 +1591,15 @@ impl Engine for CudaEngine {
         if full > 0 {
             // Through page-locked memory: a batch of 64 brings back 13 MB of logits a step,
             // which pageable memory copies at a third of the speed.
-            let bytes = full * v * 4;
-            if self.pinned.as_ref().is_none_or(|p| p.len() < wcap * v * 4) {
+            let stride = logits_stride(v);
+            let bytes = full * stride * 4;
+            if self
+                .pinned
+                .as_ref()
+                .is_none_or(|p| p.len() < wcap * stride * 4)
+            {
                 // SAFETY: the buffer is only read after the copy below has filled it.
-                let p = unsafe { self.dev.ctx.alloc_pinned::<u8>(wcap * v * 4) }
+                let p = unsafe { self.dev.ctx.alloc_pinned::<u8>(wcap * stride * 4) }
                     .map_err(device_err("allocating page-locked memory for logits"))?;
                 self.pinned = Some(p);
             }
@@ -1595,16 +1617,17 @@ impl Engine for CudaEngine {
                 .stream
                 .synchronize()
                 .map_err(device_err("copying logits from the GPU"))?;
-            let n = full * v;
-            // SAFETY: page-locked memory is page-aligned, `host` holds `n` f32 values, and
-            // every byte pattern is a valid f32.
-            let src = unsafe { std::slice::from_raw_parts(host.as_ptr() as *const f32, n) };
-            // In parallel: 64 rows of logits are 13 MB, over a millisecond for one thread.
-            logits = vec![0f32; n];
+            // SAFETY: page-locked memory is page-aligned, `host` holds `full * stride` f32
+            // values, and every byte pattern is a valid f32.
+            let src =
+                unsafe { std::slice::from_raw_parts(host.as_ptr() as *const f32, full * stride) };
+            // In parallel (64 rows of logits are 13 MB, over a millisecond for one thread),
+            // leaving each row's padding behind.
+            logits = vec![0f32; full * v];
             logits
-                .par_chunks_mut(1 << 16)
-                .zip(src.par_chunks(1 << 16))
-                .for_each(|(d, s)| d.copy_from_slice(s));
+                .par_chunks_mut(v)
+                .zip(src.par_chunks(stride))
+                .for_each(|(d, s)| d.copy_from_slice(&s[..v]));
         } else {
             self.dev
                 .stream
@@ -1616,6 +1639,12 @@ impl Engine for CudaEngine {
         }
         Ok(Logits::new(v, logits, &per_entry).with_picks(picks))
     }
+}
+
+/// Floats between the starts of two logits rows on the GPU: the vocabulary padded to 32 bytes,
+/// so cuBLAS's LM head has aligned rows to write (kernels.cu's logits_stride is the same).
+fn logits_stride(vocab: usize) -> usize {
+    vocab.next_multiple_of(8)
 }
 
 /// The bytes of `keys`, for a copy from the GPU.

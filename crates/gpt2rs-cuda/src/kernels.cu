@@ -26,6 +26,11 @@ __device__ __forceinline__ void pdl_wait() {
     pdl_wait();
 #define NEG_INF __int_as_float(0xff800000)
 
+// Logits rows are padded to whole 32-byte pieces (GPT-2's 50,257 is odd): with an odd row
+// stride cuBLAS falls back to old alignment-1 kernels for the LM head. The engine's
+// logits_stride is the same.
+__device__ __forceinline__ size_t logits_stride(int v) { return (size_t)((v + 7) & ~7); }
+
 // A logit and its token as one orderable 64-bit key: atomicMax over keys keeps the largest
 // logit and, among equal ones, the smallest token (as the host's argmax); NaN never wins.
 __device__ __forceinline__ unsigned long long pick_key(float v, int j) {
@@ -713,7 +718,8 @@ struct Mma<BF16> {
 
 // The attention of a group of up to MMA_ROWS consecutive query rows of one sequence (a prompt
 // chunk; see `attention` for groups and the cache) for head blockIdx.x, on the tensor cores
-// (sm_80 and later, f16 / bf16, 128 threads): FlashAttention-2's loop. Each warp holds 16 rows'
+// (sm_80 and later, f16 / bf16, 128 threads): FlashAttention-2's loop, the next tile's K and V
+// read while this one's products run. Each warp holds 16 rows'
 // q as mma A fragments. Per tile of 64 keys, K and V go to shared memory (V transposed, so
 // both give B fragments as 32-bit loads); S = q·Kᵀ in f32, masked causally by position; each
 // row's running max and sum rescale what it has so far (online softmax); P, rounded to S::T,
@@ -754,26 +760,40 @@ __device__ void attention_mma(const float* q, const unsigned long long* caches, 
     for (int j = 0; j < 8; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
     float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;  // running max and sum per row
 
+    // Each thread moves 4 of a tile's K pieces and 4 of its V pieces (16 bytes each). K: 8
+    // threads per key row (its 128 bytes in one go). V: a warp per 32 keys of one 8-dim slice,
+    // so the transposed stores are consecutive. Keys past n are zeros (P is 0 there, and
+    // 0 · garbage could be NaN). The next tile's pieces are loaded into registers while this
+    // tile's products run.
+    const int PIECES = MMA_KEYS * 8 / 128;
+    uint4 kn[PIECES], vn[PIECES];
+    auto fetch = [&](int base) {
+#pragma unroll
+        for (int u = 0; u < PIECES; u++) {
+            int i = tid + 128 * u;
+            int kkey = i >> 3, kpart = (i & 7) * 8;
+            int vkey = i & (MMA_KEYS - 1), vpart = (i / MMA_KEYS) * 8;
+            kn[u] = make_uint4(0, 0, 0, 0);
+            vn[u] = make_uint4(0, 0, 0, 0);
+            if (base + kkey < n) kn[u] = *(const uint4*)(keys + (size_t)(base + kkey) * c + kpart);
+            if (base + vkey < n)
+                vn[u] = *(const uint4*)(values + (size_t)(base + vkey) * c + vpart);
+        }
+    };
+    fetch(0);
     for (int base = 0; base < n; base += MMA_KEYS) {
         __syncthreads();  // the last tile is used up
-        // K: 8 threads per key row (its 128 bytes in one go). V: a warp per 32 keys of one
-        // 8-dim slice, so the transposed stores are consecutive. Keys past n are zeros (P is
-        // 0 there, and 0 · garbage could be NaN).
-        for (int i = tid; i < MMA_KEYS * 8; i += blockDim.x) {
-            int key = i >> 3, part = (i & 7) * 8;
-            uint4 kv = make_uint4(0, 0, 0, 0);
-            if (base + key < n) kv = *(const uint4*)(keys + (size_t)(base + key) * c + part);
-            *(uint4*)(ks + key * MMA_PAD + part) = kv;
-        }
-        for (int i = tid; i < MMA_KEYS * 8; i += blockDim.x) {
-            int key = i & (MMA_KEYS - 1), part = (i / MMA_KEYS) * 8;
-            uint4 vv = make_uint4(0, 0, 0, 0);
-            if (base + key < n) vv = *(const uint4*)(values + (size_t)(base + key) * c + part);
-            const T* vt = (const T*)&vv;
 #pragma unroll
-            for (int e = 0; e < 8; e++) vs[(part + e) * MMA_PAD + key] = vt[e];
+        for (int u = 0; u < PIECES; u++) {
+            int i = tid + 128 * u;
+            *(uint4*)(ks + (i >> 3) * MMA_PAD + (i & 7) * 8) = kn[u];
+            int vkey = i & (MMA_KEYS - 1), vpart = (i / MMA_KEYS) * 8;
+            const T* vt = (const T*)&vn[u];
+#pragma unroll
+            for (int e = 0; e < 8; e++) vs[(vpart + e) * MMA_PAD + vkey] = vt[e];
         }
         __syncthreads();
+        if (base + MMA_KEYS < n) fetch(base + MMA_KEYS);
         if (!busy) continue;
 
         float sc[8][4];  // scores, by 8 keys: (row g, keys 2t, 2t+1), (row g + 8, same keys)
@@ -906,11 +926,11 @@ __device__ unsigned long long best_pick(const float* __restrict__ row, int v, in
     return key;
 }
 
-// picks[b] = the pick of row first + b of logits ([*, v] f32); one block per row.
+// picks[b] = the pick of row first + b of logits (f32, v a row); one block per row.
 __device__ void argmax_rows(const float* __restrict__ logits, int first, int v,
                             unsigned long long* picks, const float* inv_t,
                             const unsigned long long* seeds) {
-    unsigned long long key = best_pick(logits + (size_t)(first + blockIdx.x) * v, v, blockIdx.x,
+    unsigned long long key = best_pick(logits + (first + blockIdx.x) * logits_stride(v), v, blockIdx.x,
                                        inv_t, seeds, KeepAll());
     if (threadIdx.x == 0) picks[blockIdx.x] = key;
 }
@@ -1025,7 +1045,7 @@ __device__ void pick_filtered(const float* __restrict__ logits, int first, int v
     __shared__ int digit, above;
     __shared__ unsigned long long below, total;
     int b = blockIdx.x, tid = threadIdx.x, bd = blockDim.x;
-    const float* row = logits + (size_t)(first + b) * v;
+    const float* row = logits + (first + b) * logits_stride(v);
     float inv = inv_t[b];
     int k = top_ks[b];
     float top_p = top_ps[b];
@@ -1104,9 +1124,9 @@ __device__ __forceinline__ float activate(float v, int act) {
 }
 
 // What a matrix product's result v = (x · wᵀ)[r, j] becomes (its epilogue):
-//   PLAIN     out[r, j] = v (f32; the LM head); rows r >= first_pick are instead reduced to
-//             their largest v into picks[r - first_pick] (see pick_key), in matrix-vector
-//             kernels only
+//   PLAIN     out[r, j] = v (f32, rows logits_stride(n) apart; the LM head); rows r >=
+//             first_pick are instead reduced to their largest v into picks[r - first_pick]
+//             (see pick_key), in matrix-vector kernels only
 //   ACT       act_out[r, j] = act(v + bias[j])                     (S::T; the MLP's first layer)
 //   RESIDUAL  out[r, j] += v + bias[j]                             (f32; x, the residual stream)
 //   QKV       v + bias[j]: q (f32, × scale) for j < c, else into the row's K or V cache
@@ -1138,7 +1158,7 @@ struct Epi {
 template <class S>
 __device__ __forceinline__ void epilogue(const Epi<S>& e, float v, int r, int j, int n) {
     if (e.mode == EPI_PLAIN) {
-        e.out[(size_t)r * n + j] = v;
+        e.out[r * logits_stride(n) + j] = v;
     } else if (e.mode == EPI_ACT) {
         e.act_out[(size_t)r * n + j] = S::store(activate(v + e.bias[j], e.act));
     } else if (e.mode == EPI_RESIDUAL) {
@@ -1444,12 +1464,23 @@ __device__ void gemv_tc(const typename S::T* __restrict__ x, const typename S::T
 }
 
 // The epilogues after a cuBLAS product y[rows, n] (f32), elementwise (longer passes' path).
+// A thread takes 4 consecutive columns (one 16-byte load when n allows) of rows blockIdx.y,
+// blockIdx.y + gridDim.y, ...: no per-element division to find its row.
 template <class S>
 __device__ void epilogue_rows(const float* y, int rows, int n, const Epi<S>& e) {
-    unsigned long long total = (unsigned long long)rows * n;
-    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < total;
-         i += (unsigned long long)gridDim.x * blockDim.x) {
-        epilogue<S>(e, y[i], (int)(i / n), (int)(i % n), n);
+    int j = 4 * (blockIdx.x * blockDim.x + threadIdx.x);
+    if (j >= n) return;
+    for (int r = blockIdx.y; r < rows; r += gridDim.y) {
+        const float* yr = y + (size_t)r * n;
+        if ((n & 3) == 0) {
+            float4 v = *(const float4*)(yr + j);
+            epilogue<S>(e, v.x, r, j, n);
+            epilogue<S>(e, v.y, r, j + 1, n);
+            epilogue<S>(e, v.z, r, j + 2, n);
+            epilogue<S>(e, v.w, r, j + 3, n);
+        } else {
+            for (int t = j; t < j + 4 && t < n; t++) epilogue<S>(e, yr[t], r, t, n);
+        }
     }
 }
 
@@ -1504,7 +1535,7 @@ __device__ void epilogue_rows(const float* y, int rows, int n, const Epi<S>& e) 
 
 // Tensor-core attention for prompt chunks (f16 and bf16 activations; see attention_mma).
 #define ATTENTION_MMA(S, name)                                                                \
-    extern "C" __global__ void attention_mma_##name(                                          \
+    extern "C" __global__ void __launch_bounds__(128, 3) attention_mma_##name(                \
         const float* q, const unsigned long long* caches, const int* pos, const int* caps,    \
         const int* groups, S::T* out, int c, int layer, int n_layer) {                        \
         PDL_START();                                                                          \

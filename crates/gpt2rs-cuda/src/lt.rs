@@ -52,6 +52,9 @@ struct Descriptors {
 struct Plan {
     descs: Descriptors,
     algo: cublasLtMatmulAlgo_t,
+    /// The bias is in the output's type (f16 / bf16), not f32: the activation epilogues'
+    /// fallback when cuBLASLt has no algorithm for an f32 bias.
+    half_bias: bool,
 }
 
 /// cuBLASLt for one GPU's stream, with its plans.
@@ -67,11 +70,13 @@ pub struct Lt {
 unsafe impl Send for Lt {}
 
 /// A fused product's operands: device addresses of the activations `x` (`[rows, k]`, f16 or
-/// bf16), the matrix `w` (`[n, k]`, same type), the f32 bias and the output.
+/// bf16), the matrix `w` (`[n, k]`, same type), the f32 bias, the same bias in the output's
+/// type (activation epilogues; 0 when there is none) and the output.
 pub struct Operands {
     pub x: u64,
     pub w: u64,
     pub bias: u64,
+    pub half_bias: u64,
     pub out: u64,
 }
 
@@ -133,7 +138,14 @@ impl Lt {
         };
         let Descriptors { desc, a, b, d } = &plan.descs;
         let err = device_err("a cuBLASLt matmul");
-        let bias = ops.bias;
+        let bias = if plan.half_bias {
+            ops.half_bias
+        } else {
+            ops.bias
+        };
+        if bias == 0 {
+            return Ok(false);
+        }
         // SAFETY: the descriptor is live; the attribute is a device pointer (8 bytes).
         unsafe {
             lt::set_matmul_desc_attribute(
@@ -173,7 +185,19 @@ impl Lt {
         Ok(true)
     }
 
+    /// The plan for `s` with an f32 bias, else (activation epilogues) with a bias in the
+    /// output's type; `None` when cuBLASLt has neither.
     fn plan(&self, s: Shape) -> Result<Option<Plan>> {
+        if let Some(plan) = self.plan_with(s, false)? {
+            return Ok(Some(plan));
+        }
+        match s.fused {
+            Fused::Residual => Ok(None),
+            Fused::Gelu | Fused::Relu => self.plan_with(s, true),
+        }
+    }
+
+    fn plan_with(&self, s: Shape, half_bias: bool) -> Result<Option<Plan>> {
         let err = device_err("planning a cuBLASLt matmul");
         let ty = if s.half {
             cudaDataType::CUDA_R_16F
@@ -200,7 +224,11 @@ impl Lt {
             unsafe { lt::set_matmul_desc_attribute(desc, attr, value, size) }.map_err(&err)
         };
         let transpose = cublasOperation_t::CUBLAS_OP_T;
-        let bias_ty = cudaDataType::CUDA_R_32F;
+        let bias_ty = if half_bias {
+            ty
+        } else {
+            cudaDataType::CUDA_R_32F
+        };
         set(
             cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
             &transpose as *const _ as *const c_void,
@@ -243,6 +271,7 @@ impl Lt {
         Ok(found.ok().map(|h| Plan {
             descs,
             algo: h.algo,
+            half_bias,
         }))
     }
 }

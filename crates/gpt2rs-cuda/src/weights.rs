@@ -233,12 +233,43 @@ pub struct DeviceLinear {
     pub b: DeviceVec,
 }
 
+/// A vector in f16 / bf16 bits on the GPU: the MLP's first bias for cuBLASLt's activation
+/// epilogues, which take no f32 bias with an f16 / bf16 output on some GPUs.
+pub struct DeviceHalfVec(CudaSlice<u16>);
+
+impl DeviceHalfVec {
+    fn upload(dev: &Device, v: &[f32], p: Precision) -> Result<Option<Self>> {
+        let bits: Vec<u16> = match p {
+            Precision::F16 => v
+                .iter()
+                .map(|&x| half::f16::from_f32(x).to_bits())
+                .collect(),
+            Precision::Bf16 => v
+                .iter()
+                .map(|&x| half::bf16::from_f32(x).to_bits())
+                .collect(),
+            Precision::F32 => return Ok(None),
+        };
+        let slice = dev
+            .stream
+            .clone_htod(&bits)
+            .map_err(device_err("copying weights to the GPU"))?;
+        Ok(Some(Self(slice)))
+    }
+
+    pub fn ptr(&self, dev: &Device) -> u64 {
+        self.0.device_ptr(&dev.stream).0
+    }
+}
+
 pub struct DeviceLayer {
     pub ln_1: DeviceNorm,
     pub qkv: DeviceLinear,
     pub attn_out: DeviceLinear,
     pub ln_2: DeviceNorm,
     pub mlp_in: DeviceLinear,
+    /// mlp_in's bias in the activations' type (f16 / bf16 models).
+    pub mlp_in_half_bias: Option<DeviceHalfVec>,
     pub mlp_out: DeviceLinear,
 }
 
@@ -279,7 +310,11 @@ impl DeviceModel {
             + blocks.bytes(e, inner);
         let heads = if separate_head { 2 } else { 1 };
         let vectors = (c.n_positions * e + 2 * e + c.n_layer * (9 * e + inner)) as u64;
-        heads * head.bytes(c.vocab_size, e) + c.n_layer as u64 * layer + vectors * 4
+        let half_biases = match blocks {
+            MatrixFormat::Float(Precision::F32) => 0,
+            _ => (c.n_layer * inner * 2) as u64,
+        };
+        heads * head.bytes(c.vocab_size, e) + c.n_layer as u64 * layer + vectors * 4 + half_biases
     }
 
     /// Elements of the largest matrix (what a quantized one is dequantized into for cuBLAS).
@@ -313,6 +348,7 @@ impl DeviceModel {
                     attn_out: lin(&l.attn_out)?,
                     ln_2: DeviceNorm::upload(dev, &l.ln_2)?,
                     mlp_in: lin(&l.mlp_in)?,
+                    mlp_in_half_bias: DeviceHalfVec::upload(dev, &l.mlp_in.b, p)?,
                     mlp_out: lin(&l.mlp_out)?,
                 })
             })
