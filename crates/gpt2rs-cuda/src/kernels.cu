@@ -718,12 +718,12 @@ struct Mma<BF16> {
 
 // The attention of a group of up to MMA_ROWS consecutive query rows of one sequence (a prompt
 // chunk; see `attention` for groups and the cache) for head blockIdx.x, on the tensor cores
-// (sm_80 and later, f16 / bf16, 128 threads): FlashAttention-2's loop, the next tile's K and V
-// read while this one's products run. Each warp holds 16 rows'
-// q as mma A fragments. Per tile of 64 keys, K and V go to shared memory (V transposed, so
-// both give B fragments as 32-bit loads); S = q·Kᵀ in f32, masked causally by position; each
-// row's running max and sum rescale what it has so far (online softmax); P, rounded to S::T,
-// is multiplied into O = P·V straight from the S accumulators' registers.
+// (sm_80 and later, f16 / bf16, 128 threads): FlashAttention-2's loop. Each warp holds 16
+// rows' q as mma A fragments. Per tile of 64 keys, K and V go to shared memory (V transposed,
+// so both give B fragments as 32-bit loads; the next tile's are read while this one's
+// products run); S = q·Kᵀ in f32, masked causally by position; each row's running max and
+// sum rescale what it has so far (online softmax); P, rounded to S::T, is multiplied into
+// O = P·V straight from the S accumulators' registers.
 template <class S>
 __device__ void attention_mma(const float* q, const unsigned long long* caches, const int* pos,
                               const int* caps, const int* groups, typename S::T* out, int c,
@@ -775,7 +775,8 @@ __device__ void attention_mma(const float* q, const unsigned long long* caches, 
             int vkey = i & (MMA_KEYS - 1), vpart = (i / MMA_KEYS) * 8;
             kn[u] = make_uint4(0, 0, 0, 0);
             vn[u] = make_uint4(0, 0, 0, 0);
-            if (base + kkey < n) kn[u] = *(const uint4*)(keys + (size_t)(base + kkey) * c + kpart);
+            if (base + kkey < n)
+                kn[u] = *(const uint4*)(keys + (size_t)(base + kkey) * c + kpart);
             if (base + vkey < n)
                 vn[u] = *(const uint4*)(values + (size_t)(base + vkey) * c + vpart);
         }
@@ -930,8 +931,8 @@ __device__ unsigned long long best_pick(const float* __restrict__ row, int v, in
 __device__ void argmax_rows(const float* __restrict__ logits, int first, int v,
                             unsigned long long* picks, const float* inv_t,
                             const unsigned long long* seeds) {
-    unsigned long long key = best_pick(logits + (first + blockIdx.x) * logits_stride(v), v, blockIdx.x,
-                                       inv_t, seeds, KeepAll());
+    const float* row = logits + (first + blockIdx.x) * logits_stride(v);
+    unsigned long long key = best_pick(row, v, blockIdx.x, inv_t, seeds, KeepAll());
     if (threadIdx.x == 0) picks[blockIdx.x] = key;
 }
 
