@@ -364,6 +364,42 @@ fn bench_measures_each_row_and_lists_what_it_skipped() {
     fails(&["bench", "--device", "tpu"], "cpu, cuda, cuda:N or all");
 }
 
+#[test]
+fn bench_takes_a_prompt_that_fills_the_context_for_one_new_token() {
+    // The fixture's context is 256: a 256-token prompt has room for its first token (never
+    // fed back), not for a second.
+    let bench = |new: &str| -> Vec<Value> {
+        let out = ok(&[
+            "bench",
+            "--device",
+            "cpu",
+            "--models",
+            &model(),
+            "--dtypes",
+            "f32",
+            "--prompt-len",
+            "256",
+            "--new-tokens",
+            new,
+            "--reps",
+            "1",
+            "--json",
+        ]);
+        let report: Value = serde_json::from_str(&out).unwrap();
+        report["rows"].as_array().unwrap().clone()
+    };
+    let one = bench("1");
+    assert!(one[0]["skipped"].is_null(), "{one:?}");
+    assert!(one[0]["ttft_ms"]["median"].as_f64().unwrap() > 0.0);
+    assert!(
+        one[0]["decode_tok_s"].is_null(),
+        "no step was decoded: {one:?}"
+    );
+    let two = bench("2");
+    let reason = two[0]["skipped"].as_str().unwrap();
+    assert!(reason.contains("257 positions") && reason.contains("context of 256"));
+}
+
 /// The GPU path of bench: f16 and int8 measured with their GPU memory and GPU ceilings.
 /// Without a usable GPU (or without the feature) it says so and checks the error.
 #[test]

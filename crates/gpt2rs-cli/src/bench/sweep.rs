@@ -150,9 +150,13 @@ impl Group<'_> {
     /// Why the row cannot run before anything is loaded: its context, or (on a GPU) memory.
     fn precheck(&self, batch: usize, prompt: usize, gpu_free: Option<u64>) -> Option<String> {
         let (c, new) = (&self.model.config, self.plan.new_tokens);
-        if prompt + new > c.n_positions || prompt == 0 {
+        // The last new token is never fed back: a prompt may fill the context when one new
+        // token is asked for.
+        let positions = prompt + new.saturating_sub(1);
+        if positions > c.n_positions || prompt == 0 {
             return Some(format!(
-                "prompt {prompt} + {new} new tokens do not fit the context of {}",
+                "prompt {prompt} + {new} new tokens need {positions} positions, more than the \
+                 context of {}",
                 c.n_positions
             ));
         }
