@@ -11,15 +11,13 @@
 //! cores (kernels.cu's attention_mma) where the activations are f16 / bf16.
 
 use crate::device::{device_err, Device, CUBLAS_WORKSPACE};
+use crate::launch::{launch, Arg};
 use crate::lt::{Fused, Lt, Operands};
 use crate::weights::{DeviceMatrix, DeviceModel, MatrixFormat, Precision};
 use cudarc::cublas::sys::{
     cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t,
 };
-use cudarc::driver::sys::{
-    CUgraphInstantiate_flags, CUlaunchAttribute, CUlaunchAttributeID, CUlaunchAttributeValue,
-    CUlaunchConfig, CUstreamCaptureMode,
-};
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaFunction, CudaGraph, CudaSlice, DevicePtr, LaunchConfig};
 use gpt2rs::config::{Activation, Gpt2Config};
 use gpt2rs::engine::{BatchEntry, Engine, Logits, LogitsFor, PickRule, SeqId};
@@ -47,6 +45,8 @@ const ATTENTION_MMA_HEAD: usize = 64;
 /// Threads per block of the split decode attention (kernels.cu's attention_split; heads up
 /// to this wide), and the most blocks a row and head is split into.
 const SPLIT_THREADS: u32 = 128;
+/// Threads per block of kernels.cu's attention_decode (its DECODE_THREADS).
+const DECODE_THREADS: u32 = 128;
 const MAX_SPLITS: usize = 8;
 /// Shared memory a kernel may use without opting in.
 const DEFAULT_SHARED_BYTES: usize = 48 << 10;
@@ -168,6 +168,8 @@ struct Pass {
     /// Decode attention's blocks per row and head (1: not split), with their partial results
     /// and per-(row, head) counts of finished blocks (zero between passes).
     splits: usize,
+    /// Positions per block of attention_decode, or 0 where the pass uses other kernels.
+    decode_chunk: usize,
     split_part: u64,
     split_counts: u64,
     wanted_rows: u64,
@@ -185,14 +187,6 @@ struct Pass {
     dequantized: u64,
     m: u64,
     logits: u64,
-}
-
-/// A kernel argument.
-#[derive(Clone, Copy)]
-enum Arg {
-    Ptr(u64),
-    Int(i32),
-    Float(f32),
 }
 
 /// The kernels that read a matrix of one format.
@@ -270,6 +264,8 @@ struct Kernels {
     attention_mma: Option<CudaFunction>,
     /// For decode rows, split along the cache.
     attention_split: CudaFunction,
+    /// For decode passes: chunks of the cache read before the QKV product ends.
+    attention_decode: CudaFunction,
     epilogue_rows: CudaFunction,
     argmax: CudaFunction,
     pick_filtered: CudaFunction,
@@ -289,6 +285,7 @@ impl Kernels {
             layernorm: f("layernorm")?,
             attention: [f("attention1")?, f(&format!("attention{ATTENTION_GROUP}"))?],
             attention_split: f("attention_split")?,
+            attention_decode: f("attention_decode")?,
             attention_mma: (p != Precision::F32 && dev.major >= 8)
                 .then(|| f("attention_mma"))
                 .transpose()?,
@@ -332,6 +329,9 @@ const CACHE_BLOCK_TOKENS: usize = 64;
 const SPARE_CACHES: usize = 128;
 const SPARE_BYTES: usize = 2 << 30;
 
+/// A captured decode step's shape: rows, rows with logits, plain picks, filtered picks.
+type GraphKey = (usize, usize, usize, usize);
+
 /// Device buffers reused by every pass, grown to the largest batch seen.
 #[derive(Default)]
 struct Scratch {
@@ -351,9 +351,8 @@ pub struct CudaEngine {
     seqs: HashMap<SeqId, Seq>,
     next_id: u64,
     scratch: Scratch,
-    /// Captured decode steps by (rows, rows with logits, plain picks, filtered picks); they
-    /// point into `scratch`.
-    graphs: HashMap<(usize, usize, usize, usize), CudaGraph>,
+    /// Captured decode steps by shape (see [`GraphKey`]); they point into `scratch`.
+    graphs: HashMap<GraphKey, CudaGraph>,
     use_graphs: bool,
     /// Programmatic dependent launch (Hopper and later).
     use_pdl: bool,
@@ -363,6 +362,8 @@ pub struct CudaEngine {
     use_attention_mma: bool,
     /// See [`Self::attention_splits`].
     use_split: bool,
+    /// See [`Self::decode_attention_shared`].
+    use_decode_attention: bool,
     /// Longer passes' products with fused epilogues (f16 / bf16 operands only: cuBLASLt's
     /// plain-f32 products are not the exact ones the f32 engine is held to).
     lt: Option<Lt>,
@@ -395,6 +396,8 @@ impl CudaEngine {
         // GPT2RS_CUDA_PDL=0 serializes kernels the ordinary way (for comparisons).
         let use_pdl = dev.major >= 9 && std::env::var("GPT2RS_CUDA_PDL").map_or(true, |v| v != "0");
         let use_split = std::env::var("GPT2RS_CUDA_SPLIT").map_or(true, |v| v != "0");
+        let use_decode_attention =
+            std::env::var("GPT2RS_CUDA_DECODE_ATTENTION").map_or(true, |v| v != "0");
         // GPT2RS_CUDA_LT=0 keeps every product on plain cuBLAS (for comparisons).
         let lt = (precision != Precision::F32
             && std::env::var("GPT2RS_CUDA_LT").map_or(true, |v| v != "0"))
@@ -420,6 +423,7 @@ impl CudaEngine {
             tc_rows: tc_rows_setting(),
             use_attention_mma,
             use_split,
+            use_decode_attention,
             lt,
             spare: Vec::new(),
             pinned: None,
@@ -453,8 +457,11 @@ impl CudaEngine {
         let p = Precision::for_dtype(dtype)?;
         let (c, inner, es) = (config.n_embd, config.n_inner, p.size());
         let cap = rows.next_power_of_two().max(64);
-        // x, h, q, att, product, m: the scratch buffers of `forward`.
+        // x, h, q, att, product, m: the scratch buffers of `forward`; then decode attention's
+        // partial results (at most one per 64 positions, see `decode_chunk`).
         let per_row = c * 4 + c * es + c * 4 + c * es + (3 * c).max(inner) * 4 + inner * es;
+        let splits = config.n_positions.div_ceil(64).max(MAX_SPLITS);
+        let per_row = per_row + config.n_head * splits * (config.head_dim() + 2) * 4;
         // Logits (and picked ids) of every sequence.
         let logits = sequences.next_power_of_two() * (logits_stride(config.vocab_size) + 2) * 4;
         let format = MatrixFormat::on_gpu(dtype, p);
@@ -472,60 +479,9 @@ impl CudaEngine {
         })
     }
 
-    /// Launches `f`; on Hopper and later with programmatic dependent launch, so it starts
-    /// while the previous kernel finishes (every kernel of kernels.cu waits for its
-    /// predecessor before reading what that wrote).
+    /// Launches `f` on the engine's stream (see [`launch`]).
     fn launch(&self, f: &CudaFunction, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
-        // Each parameter's value in an 8-byte slot (4-byte ones in its low half: the
-        // driver copies as many bytes as the kernel declares).
-        let mut values: Vec<u64> = args
-            .iter()
-            .map(|a| match *a {
-                Arg::Ptr(v) => v,
-                Arg::Int(v) => u64::from(v as u32),
-                Arg::Float(v) => u64::from(v.to_bits()),
-            })
-            .collect();
-        let mut params: Vec<*mut c_void> = values
-            .iter_mut()
-            .map(|v| v as *mut u64 as *mut c_void)
-            .collect();
-        let mut pdl = CUlaunchAttribute {
-            id: CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
-            pad: [0; 4],
-            value: CUlaunchAttributeValue {
-                programmaticStreamSerializationAllowed: 1,
-            },
-        };
-        let config = CUlaunchConfig {
-            gridDimX: cfg.grid_dim.0,
-            gridDimY: cfg.grid_dim.1,
-            gridDimZ: cfg.grid_dim.2,
-            blockDimX: cfg.block_dim.0,
-            blockDimY: cfg.block_dim.1,
-            blockDimZ: cfg.block_dim.2,
-            sharedMemBytes: cfg.shared_mem_bytes,
-            hStream: self.dev.stream.cu_stream(),
-            attrs: &mut pdl,
-            numAttrs: u32::from(self.use_pdl),
-        };
-        self.dev
-            .ctx
-            .bind_to_thread()
-            .map_err(device_err("binding the CUDA context"))?;
-        // SAFETY: every launch passes the argument list its kernel declares (each slot holds
-        // a value of the declared size), with buffers sized for the rows and widths it is
-        // given; `values`, `params` and `pdl` outlive the call.
-        unsafe {
-            cudarc::driver::sys::cuLaunchKernelEx(
-                &config,
-                f.cu_function(),
-                params.as_mut_ptr(),
-                std::ptr::null_mut(),
-            )
-        }
-        .result()
-        .map_err(device_err("launching a kernel"))
+        launch(&self.dev, self.use_pdl, f, cfg, args)
     }
 
     /// `x[rows, k]` · `wᵀ` (`x` in the model's precision, `w` `[n, k]` row-major) through
@@ -936,6 +892,30 @@ impl CudaEngine {
             Arg::Int(cfg.n_embd as i32),
         ];
         let grid = |splits: usize| (cfg.n_head as u32, p.n_groups as u32, splits as u32);
+        if p.decode_chunk > 0 {
+            // Block (chunk, head, row); p.splits chunks of p.decode_chunk positions cover the
+            // whole context.
+            let launch = LaunchConfig {
+                grid_dim: (p.splits as u32, cfg.n_head as u32, p.rows as u32),
+                block_dim: (DECODE_THREADS, 1, 1),
+                shared_mem_bytes: self.decode_attention_shared(p.decode_chunk) as u32,
+            };
+            let args = [
+                Arg::Ptr(p.q),
+                Arg::Ptr(p.caches),
+                Arg::Ptr(p.pos),
+                Arg::Ptr(p.caps),
+                Arg::Ptr(p.att),
+                Arg::Int(cfg.n_embd as i32),
+                Arg::Int(cfg.n_head as i32),
+                Arg::Int(l as i32),
+                Arg::Int(cfg.n_layer as i32),
+                Arg::Int(p.decode_chunk as i32),
+                Arg::Ptr(p.split_part),
+                Arg::Ptr(p.split_counts),
+            ];
+            return self.launch(&k.attention_decode, launch, &args);
+        }
         let (kernel, launch) = match &k.attention_mma {
             Some(mma) if p.group == ATTENTION_MMA_ROWS && self.uses_attention_mma() => {
                 args.extend([Arg::Int(l as i32), Arg::Int(cfg.n_layer as i32)]);
@@ -994,6 +974,39 @@ impl CudaEngine {
         (2 * self.dev.sm_count)
             .div_ceil(blocks)
             .clamp(1, MAX_SPLITS)
+    }
+
+    /// Cache positions per block of kernels.cu's attention_decode, or 0 when that kernel does
+    /// not take this model: 128 (64 in f32, whose pieces are twice as large). It needs head
+    /// slices of whole 16-byte pieces and its shared memory within the default
+    /// (GPT2RS_CUDA_DECODE_ATTENTION=0 keeps attention_split and the one-block-per-head
+    /// kernel, for comparisons). Chunks and a grid sized by the pass's longest cache measured
+    /// slower: each size is a graph of its own, captured again as the caches grow.
+    fn decode_chunk(&self) -> usize {
+        let (c, d) = (self.config.n_embd, self.config.head_dim());
+        let v = 16 / self.precision.size();
+        let fits = c % v == 0 && d % v == 0 && d / v <= DECODE_THREADS as usize;
+        let chunk = if self.precision == Precision::F32 {
+            64
+        } else {
+            128
+        };
+        let usable = self.use_decode_attention
+            && fits
+            && self.decode_attention_shared(chunk) <= DEFAULT_SHARED_BYTES;
+        if usable {
+            chunk
+        } else {
+            0
+        }
+    }
+
+    /// The shared memory of kernels.cu's attention_decode with chunks of `chunk` positions.
+    fn decode_attention_shared(&self, chunk: usize) -> usize {
+        let d = self.config.head_dim();
+        let pieces = d / (16 / self.precision.size());
+        let groups = DECODE_THREADS as usize / pieces.max(1);
+        2 * chunk * (pieces + 1) * 16 + (d + chunk + groups * d) * 4
     }
 
     /// Whether prompt chunks' attention runs on the tensor cores (kernels.cu's attention_mma;
@@ -1472,10 +1485,15 @@ impl Engine for CudaEngine {
         } else {
             1
         };
-        let splits = if group == 1 {
-            self.attention_splits(rows)
-        } else {
+        // Decode passes: attention_decode's chunks of the whole context (a graph replays one
+        // grid), or attention_split's blocks per row and head.
+        let decode_chunk = if group == 1 { self.decode_chunk() } else { 0 };
+        let splits = if group > 1 {
             1
+        } else if decode_chunk > 0 {
+            cfg.n_positions.div_ceil(decode_chunk)
+        } else {
+            self.attention_splits(rows)
         };
         let mut groups: Vec<i32> = vec![];
         let mut row = 0;
@@ -1535,6 +1553,7 @@ impl Engine for CudaEngine {
             n_groups: groups.len() / 2,
             group,
             splits,
+            decode_chunk,
             split_part: self.scratch(
                 "split_part",
                 cap * cfg.n_head * splits * (cfg.head_dim() + 2) * 4,

@@ -674,6 +674,146 @@ __device__ void attention_split(const float* q, const unsigned long long* caches
     if (tid == 0) counts[r * n_head + h] = 0;
 }
 
+// 16-byte copies from global to shared memory that do not hold up the thread (sm_80 and later;
+// before that, an ordinary load and store).
+__device__ __forceinline__ void copy16_async(void* smem, const void* gmem) {
+#if __CUDA_ARCH__ >= 800
+    unsigned int dst = (unsigned int)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(gmem) : "memory");
+#else
+    *(uint4*)smem = *(const uint4*)gmem;
+#endif
+}
+__device__ __forceinline__ void copies_wait_all() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n\tcp.async.wait_group 0;" ::: "memory");
+#endif
+}
+
+// Decode attention: softmax(q · Kᵀ) · V of row blockIdx.z (one new token of its sequence) and
+// head blockIdx.y over its cache positions [z·ch, (z+1)·ch) for z = blockIdx.x, ch ≤ 128
+// (≤ 64 for f32); blocks past the row's length leave at once. The keys and values of positions
+// before the new one were written by earlier passes, so they are copied into shared memory
+// before waiting for the QKV product (they stream in while it finishes); q and the new
+// position's key and value come after. One position per thread for the scores; for the
+// values, d / V threads cover a row in 16-byte pieces and the block's groups of them take
+// every groups-th position. Rows in shared memory are padded by 16 bytes, so neither phase's
+// loads meet in a bank. A row of one chunk writes its output; otherwise each block leaves its
+// chunk's max, sum of exponentials and unnormalized output in `part`, and the last of the row's
+// and head's blocks to finish combines them into `out` (as attention_split) and resets the
+// count. Needs head slices of whole 16-byte pieces (d, c multiples of V) and d / V ≤ 128.
+// Shared memory (dynamic): 2·ch·(d / V + 1) pieces, then d + ch + (128 / (d / V))·d floats.
+#define DECODE_THREADS 128
+template <class S>
+__device__ void attention_decode(const float* q, const unsigned long long* caches, const int* pos,
+                                 const int* caps, typename S::T* out, int c, int n_head,
+                                 int layer, int n_layer, int ch, float* part,
+                                 unsigned int* counts) {
+    typedef typename S::T T;
+    const int V = 16 / sizeof(T);
+    extern __shared__ uint4 pieces_smem[];
+    __shared__ float red[DECODE_THREADS / 32];
+    __shared__ bool last;
+    pdl_launch_next();
+    int z = blockIdx.x, h = blockIdx.y, r = blockIdx.z, tid = threadIdx.x;
+    int d = c / n_head, n = pos[r] + 1, active = (n + ch - 1) / ch;
+    if (z >= active) return;  // nothing of this row here: no wait needed either
+    int lo = z * ch, len = min(n, lo + ch) - lo, old = min(n - 1 - lo, len);
+    int pieces = d / V, rs = pieces + 1;  // a row's pieces, and its padded stride
+    size_t cap = caps[r];
+    const T* keys = (const T*)caches[r] + (size_t)layer * cap * c + h * d;
+    const T* values = keys + (size_t)n_layer * cap * c;
+    uint4* ks = pieces_smem;
+    uint4* vs = ks + ch * rs;
+    float* qs = (float*)(vs + ch * rs);
+    float* sc = qs + d;
+    float* sums = sc + ch;
+    for (int t = tid; t < old * pieces; t += DECODE_THREADS) {
+        int s = t / pieces, p = t - s * pieces;
+        size_t at = (size_t)(lo + s) * c + p * V;
+        copy16_async(ks + s * rs + p, keys + at);
+        copy16_async(vs + s * rs + p, values + at);
+    }
+    pdl_wait();
+    for (int i = tid; i < d; i += DECODE_THREADS) qs[i] = q[(size_t)r * c + h * d + i];
+    if (old < len) {  // the new position is in this chunk
+        size_t at = (size_t)(n - 1) * c;
+        for (int p = tid; p < pieces; p += DECODE_THREADS) {
+            ks[old * rs + p] = *(const uint4*)(keys + at + p * V);
+            vs[old * rs + p] = *(const uint4*)(values + at + p * V);
+        }
+    }
+    copies_wait_all();
+    __syncthreads();
+    float m = NEG_INF;
+    for (int s = tid; s < len; s += DECODE_THREADS) {
+        const uint4* kr = ks + s * rs;
+        float acc = 0.f;
+        for (int p = 0; p < pieces; p++) {
+            uint4 kv = kr[p];
+            const T* kt = (const T*)&kv;
+#pragma unroll
+            for (int e = 0; e < V; e++) acc += qs[p * V + e] * S::load(kt[e]);
+        }
+        sc[s] = acc;
+        m = fmaxf(m, acc);
+    }
+    m = block_max(m, red);
+    float l = 0.f;
+    for (int s = tid; s < len; s += DECODE_THREADS) {
+        float e = __expf(sc[s] - m);
+        sc[s] = e;
+        l += e;
+    }
+    l = block_sum(l, red);  // its barriers also publish sc
+    int pgroups = DECODE_THREADS / pieces, pg = tid / pieces, col = tid - pg * pieces;
+    if (pg < pgroups) {
+        float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};  // V ≤ 8
+        for (int s = pg; s < len; s += pgroups) {
+            uint4 vv = vs[s * rs + col];
+            const T* vt = (const T*)&vv;
+            float p = sc[s];
+#pragma unroll
+            for (int e = 0; e < V; e++) acc[e] += p * S::load(vt[e]);
+        }
+#pragma unroll
+        for (int e = 0; e < V; e++) sums[pg * d + col * V + e] = acc[e];
+    }
+    __syncthreads();
+    size_t base = (size_t)(r * n_head + h) * gridDim.x;
+    float* mine = part + (base + z) * (d + 2);
+    for (int i = tid; i < d; i += DECODE_THREADS) {
+        float t = 0.f;
+        for (int g = 0; g < pgroups; g++) t += sums[g * d + i];
+        if (active == 1) {
+            out[(size_t)r * c + h * d + i] = S::store(t / l);
+        } else {
+            mine[2 + i] = t;
+        }
+    }
+    if (active == 1) return;
+    if (tid == 0) mine[0] = m, mine[1] = l;
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) last = atomicAdd(counts + r * n_head + h, 1u) == (unsigned int)active - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    float top = NEG_INF;
+    for (int j = 0; j < active; j++) top = fmaxf(top, __ldcg(part + (base + j) * (d + 2)));
+    for (int i = tid; i < d; i += DECODE_THREADS) {
+        float num = 0.f, den = 0.f;
+        for (int j = 0; j < active; j++) {
+            const float* pj = part + (base + j) * (d + 2);
+            float w = __expf(__ldcg(pj) - top);
+            num += w * __ldcg(pj + 2 + i);
+            den += w * __ldcg(pj + 1);
+        }
+        out[(size_t)r * c + h * d + i] = S::store(num / den);
+    }
+    if (tid == 0) counts[r * n_head + h] = 0;
+}
+
 // Two values in S::T as one 32-bit register, the first in the low half (mma's operand order).
 template <class S>
 __device__ __forceinline__ unsigned int pack2(float lo, float hi) {
@@ -1555,6 +1695,13 @@ ATTENTION_MMA(BF16, bf16)
     ATTENTION(S, name, 1)                                                                     \
     ATTENTION(S, name, 8)                                                                     \
     ATTENTION_SPLIT(S, name)                                                                  \
+    extern "C" __global__ void __launch_bounds__(DECODE_THREADS) attention_decode_##name(     \
+        const float* q, const unsigned long long* caches, const int* pos, const int* caps,    \
+        S::T* out, int c, int n_head, int layer, int n_layer, int ch, float* part,            \
+        unsigned int* counts) {                                                               \
+        attention_decode<S>(q, caches, pos, caps, out, c, n_head, layer, n_layer, ch, part,   \
+                            counts);                                                          \
+    }                                                                                         \
     extern "C" __global__ void argmax_##name(const float* logits, int first, int v,           \
                                              unsigned long long* picks, const float* inv_t,   \
                                              const unsigned long long* seeds) {               \

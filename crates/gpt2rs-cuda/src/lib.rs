@@ -20,6 +20,7 @@
 
 mod device;
 mod engine;
+mod launch;
 mod lt;
 pub mod probe;
 mod weights;

@@ -635,8 +635,9 @@ fn prompt_chunks_of_awkward_lengths_attend_like_the_cpu() {
 
 #[test]
 fn decode_over_long_caches_splits_like_the_cpu() {
-    // Decode rows of a small batch split their attention along the cache (flash-decoding):
-    // caches of 700 and 333 positions, then 4 steps of batch 2 and 2 of batch 1, at gpt2-xl's
+    // Decode rows split their attention along the cache (flash-decoding; attention_decode's
+    // chunks of 128 positions, 64 in f32): caches of 700, 333 and 128 positions (so the first
+    // new token is alone in its chunk), then 4 steps of batch 3 and 2 of batch 1, at gpt2-xl's
     // width and 25 heads, in f32 (exact up to summation order) and f16.
     let mut config = Gpt2Config::preset("gpt2-xl").unwrap();
     config.n_layer = 2;
@@ -646,7 +647,11 @@ fn decode_over_long_caches_splits_like_the_cpu() {
         let w = ModelWeights::synthetic_as(&config, 5, WeightFormat::new(dtype));
         let Some(mut g) = gpu(&w) else { return };
         drop(w);
-        let prompts = [tokens(700, vocab, 1), tokens(333, vocab, 2)];
+        let prompts = [
+            tokens(700, vocab, 1),
+            tokens(333, vocab, 2),
+            tokens(128, vocab, 3),
+        ];
         let (cs, gs): (Vec<_>, Vec<_>) = prompts
             .iter()
             .map(|_| (c.add_sequence(), g.add_sequence()))
@@ -655,7 +660,7 @@ fn decode_over_long_caches_splits_like_the_cpu() {
         for step in 0..7 {
             let feeds: Vec<Vec<u32>> = match step {
                 0 => prompts.to_vec(),
-                1..=4 => (0..2).map(|i| tokens(1, vocab, 10 * step + i)).collect(),
+                1..=4 => (0..3).map(|i| tokens(1, vocab, 10 * step + i)).collect(),
                 _ => vec![tokens(1, vocab, 10 * step)],
             };
             let err = same_pass(&mut c, &mut g, &cs, &gs, &feeds, LogitsFor::Last);
