@@ -877,8 +877,9 @@ impl CudaEngine {
     }
 
     /// Attention of layer `l` for every row of `p` into its `att`: prompt chunks on the
-    /// tensor cores (or in groups of ATTENTION_GROUP rows), decode rows one block per row and
-    /// head, or split along the cache when those blocks are too few to fill the GPU.
+    /// tensor cores (or in groups of ATTENTION_GROUP rows); decode passes in attention_decode
+    /// (a block per chunk of the cache, head and row), or, where it does not fit the model,
+    /// one block per row and head, split along the cache when those are too few for the GPU.
     fn attention(&self, p: &Pass, l: usize) -> Result<()> {
         let cfg = &self.config;
         let k = &self.kernels;

@@ -10,7 +10,8 @@
 //! Status: f32, f16 and bf16 weights, and int8 / int4 kept in gpt2rs::quant's packed groups
 //! (f16 activations); the whole forward pass on the GPU, checked against the CPU engine on
 //! the device machine; decode steps replay CUDA graphs; next-token picks on the device (greedy,
-//! temperature, top-k, top-p); decode attention split along long caches (flash-decoding);
+//! temperature, top-k, top-p); decode attention that reads the cache before the QKV product
+//! ends, split along long caches (flash-decoding);
 //! prompt chunks' attention on the tensor cores (f16 / bf16); longer passes' residual and MLP
 //! products with cuBLASLt's fused epilogues; f16 / bf16 products of 6 to 8 rows on the tensor
 //! cores (its kernels take up to 64, but above 8 cuBLAS is faster at gpt2-xl's width). Not
