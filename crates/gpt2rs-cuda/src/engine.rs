@@ -362,7 +362,7 @@ pub struct CudaEngine {
     use_attention_mma: bool,
     /// See [`Self::attention_splits`].
     use_split: bool,
-    /// See [`Self::decode_attention_shared`].
+    /// See [`Self::decode_chunk`].
     use_decode_attention: bool,
     /// Longer passes' products with fused epilogues (f16 / bf16 operands only: cuBLASLt's
     /// plain-f32 products are not the exact ones the f32 engine is held to).
