@@ -196,7 +196,7 @@ struct MatrixKernels {
     /// `resident_warps[r - 1]`: how many warps of it the whole GPU holds at once.
     resident_warps: Vec<usize>,
     embed: CudaFunction,
-    /// `tc[i]`: products of up to TC_ROW_TILES[i] rows on the tensor cores (f16 and bf16
+    /// `tc[i]`: products of up to `TC_ROW_TILES[i]` rows on the tensor cores (f16 and bf16
     /// weights on sm_80 and later).
     tc: Option<Vec<CudaFunction>>,
     /// `tc_resident[i]`: how many blocks of `tc[i]` the whole GPU holds at once.
