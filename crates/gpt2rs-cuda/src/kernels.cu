@@ -556,6 +556,38 @@ __device__ void attention(const float* q, const unsigned long long* caches, cons
     }
 }
 
+// The split attention kernels' last step, for block z of a row and head's `active` chunk
+// blocks: its max m and sum of exponentials l go beside its unnormalized output (already in
+// its `part` slot, d + 2 floats from slot `base`), and the last of the blocks to finish
+// (threadFenceReduction's pattern) combines all of them, rescaled to the common max, into
+// `out` (the row and head's d values) and zeroes `count` for the next pass.
+template <class S>
+__device__ void combine_chunks(float m, float l, float* part, size_t base, int z, int active,
+                               int d, unsigned int* count, typename S::T* out, int bd) {
+    __shared__ bool last;
+    int tid = threadIdx.x;
+    if (tid == 0) part[(base + z) * (d + 2)] = m, part[(base + z) * (d + 2) + 1] = l;
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) last = atomicAdd(count, 1u) == (unsigned int)active - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    float top = NEG_INF;
+    for (int j = 0; j < active; j++) top = fmaxf(top, __ldcg(part + (base + j) * (d + 2)));
+    for (int i = tid; i < d; i += bd) {
+        float num = 0.f, den = 0.f;
+        for (int j = 0; j < active; j++) {
+            const float* pj = part + (base + j) * (d + 2);
+            float w = __expf(__ldcg(pj) - top);
+            num += w * __ldcg(pj + 2 + i);
+            den += w * __ldcg(pj + 1);
+        }
+        out[i] = S::store(num / den);
+    }
+    if (tid == 0) *count = 0;
+}
+
 // Decode attention split along the cache (flash-decoding), for passes whose rows × heads alone
 // would leave most multiprocessors idle (batch 1 has n_head blocks). Block (h, y, z) takes the
 // positions [z·chunk, (z+1)·chunk) of row groups[2y]'s cache (decode groups hold one row),
@@ -574,7 +606,6 @@ __device__ void attention_split(const float* q, const unsigned long long* caches
     const int V = 16 / sizeof(T);
     extern __shared__ float smem[];
     __shared__ float red[32];
-    __shared__ bool last;
     int h = blockIdx.x, z = blockIdx.z, tid = threadIdx.x, bd = blockDim.x;
     int r = groups[2 * blockIdx.y];
     int d = c / n_head, n = pos[r] + 1;
@@ -651,27 +682,8 @@ __device__ void attention_split(const float* q, const unsigned long long* caches
         }
     }
     if (active == 1) return;
-    if (tid == 0) mine[0] = m, mine[1] = l;
-    // The last block of this row and head combines (threadFenceReduction's pattern).
-    __threadfence();
-    __syncthreads();
-    if (tid == 0) last = atomicAdd(counts + r * n_head + h, 1u) == (unsigned int)active - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    float top = NEG_INF;
-    for (int j = 0; j < active; j++) top = fmaxf(top, __ldcg(part + (base + j) * (d + 2)));
-    for (int i = tid; i < d; i += bd) {
-        float num = 0.f, den = 0.f;
-        for (int j = 0; j < active; j++) {
-            const float* pj = part + (base + j) * (d + 2);
-            float w = __expf(__ldcg(pj) - top);
-            num += w * __ldcg(pj + 2 + i);
-            den += w * __ldcg(pj + 1);
-        }
-        out[(size_t)r * c + h * d + i] = S::store(num / den);
-    }
-    if (tid == 0) counts[r * n_head + h] = 0;
+    combine_chunks<S>(m, l, part, base, z, active, d, counts + r * n_head + h,
+                      out + (size_t)r * c + h * d, bd);
 }
 
 // 16-byte copies from global to shared memory that do not hold up the thread (sm_80 and later;
@@ -713,7 +725,6 @@ __device__ void attention_decode(const float* q, const unsigned long long* cache
     const int V = 16 / sizeof(T);
     extern __shared__ uint4 pieces_smem[];
     __shared__ float red[DECODE_THREADS / 32];
-    __shared__ bool last;
     pdl_launch_next();
     int z = blockIdx.x, h = blockIdx.y, r = blockIdx.z, tid = threadIdx.x;
     int d = c / n_head, n = pos[r] + 1, active = (n + ch - 1) / ch;
@@ -792,26 +803,8 @@ __device__ void attention_decode(const float* q, const unsigned long long* cache
         }
     }
     if (active == 1) return;
-    if (tid == 0) mine[0] = m, mine[1] = l;
-    __threadfence();
-    __syncthreads();
-    if (tid == 0) last = atomicAdd(counts + r * n_head + h, 1u) == (unsigned int)active - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    float top = NEG_INF;
-    for (int j = 0; j < active; j++) top = fmaxf(top, __ldcg(part + (base + j) * (d + 2)));
-    for (int i = tid; i < d; i += DECODE_THREADS) {
-        float num = 0.f, den = 0.f;
-        for (int j = 0; j < active; j++) {
-            const float* pj = part + (base + j) * (d + 2);
-            float w = __expf(__ldcg(pj) - top);
-            num += w * __ldcg(pj + 2 + i);
-            den += w * __ldcg(pj + 1);
-        }
-        out[(size_t)r * c + h * d + i] = S::store(num / den);
-    }
-    if (tid == 0) counts[r * n_head + h] = 0;
+    combine_chunks<S>(m, l, part, base, z, active, d, counts + r * n_head + h,
+                      out + (size_t)r * c + h * d, DECODE_THREADS);
 }
 
 // Two values in S::T as one 32-bit register, the first in the low half (mma's operand order).
