@@ -590,7 +590,17 @@ impl CudaEngine {
                 cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         }
-        .map_err(device_err("a cuBLAS GEMM"))?;
+        .map_err(|e| {
+            // cuBLAS's launch failures say little: the stream's state says whether an earlier
+            // kernel faulted (on the error path only; it ends any capture in progress).
+            let stream = self.dev.stream.synchronize().err();
+            let stream = stream.map_or(String::new(), |s| {
+                format!("; the stream then reports {s:?}")
+            });
+            Error::Device(format!(
+                "a cuBLAS GEMM of {rows} rows × {k} by {n} × {k}: {e:?}{stream}"
+            ))
+        })?;
         if let Epilogue::Plain { first_pick, .. } = epi {
             return self.argmax(p, first_pick, rows);
         }

@@ -386,12 +386,18 @@ fn decode_batches(
                     .collect()
             };
             let forks: Vec<_> = gs.iter().map(|&s| g.fork_sequence(s).unwrap()).collect();
-            let own = g.forward(&batch(&forks, false)).unwrap();
+            let own = g
+                .forward(&batch(&forks, false))
+                .unwrap_or_else(|e| panic!("batch {rows}, step {step}, the forks' pass: {e}"));
             for f in forks {
                 g.remove_sequence(f);
             }
-            let want = c.forward(&batch(&cs, false)).unwrap();
-            let got = g.forward(&batch(&gs, true)).unwrap();
+            let want = c
+                .forward(&batch(&cs, false))
+                .unwrap_or_else(|e| panic!("batch {rows}, step {step}, the CPU pass: {e}"));
+            let got = g
+                .forward(&batch(&gs, true))
+                .unwrap_or_else(|e| panic!("batch {rows}, step {step}, the mixed pass: {e}"));
             for i in 0..rows {
                 let rule = match kind(i) {
                     LogitsFor::Pick(rule) => rule,
