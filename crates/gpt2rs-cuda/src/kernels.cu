@@ -556,17 +556,31 @@ __device__ void attention(const float* q, const unsigned long long* caches, cons
     }
 }
 
-// The split attention kernels' last step, for block z of a row and head's `active` chunk
-// blocks: its max m and sum of exponentials l go beside its unnormalized output (already in
-// its `part` slot, d + 2 floats from slot `base`), and the last of the blocks to finish
+// The split attention kernels' last steps, for block z of a row and head's `active` chunk
+// blocks, once `sums` holds the value pass's `pgroups` partial sums (d each) and the block is
+// past a barrier. A row of one chunk writes `out` (the row and head's d values) itself.
+// Otherwise the chunk's unnormalized output, max m and sum of exponentials l go to its `part`
+// slot (d + 2 floats from slot `base`), and the last of the blocks to finish
 // (threadFenceReduction's pattern) combines all of them, rescaled to the common max, into
-// `out` (the row and head's d values) and zeroes `count` for the next pass.
+// `out` and zeroes `count` for the next pass.
 template <class S>
-__device__ void combine_chunks(float m, float l, float* part, size_t base, int z, int active,
-                               int d, unsigned int* count, typename S::T* out, int bd) {
+__device__ void finish_chunk(const float* sums, int pgroups, float m, float l, float* part,
+                             size_t base, int z, int active, int d, unsigned int* count,
+                             typename S::T* out, int bd) {
     __shared__ bool last;
     int tid = threadIdx.x;
-    if (tid == 0) part[(base + z) * (d + 2)] = m, part[(base + z) * (d + 2) + 1] = l;
+    float* mine = part + (base + z) * (d + 2);
+    for (int i = tid; i < d; i += bd) {
+        float t = 0.f;
+        for (int g = 0; g < pgroups; g++) t += sums[g * d + i];
+        if (active == 1) {
+            out[i] = S::store(t / l);
+        } else {
+            mine[2 + i] = t;
+        }
+    }
+    if (active == 1) return;
+    if (tid == 0) mine[0] = m, mine[1] = l;
     __threadfence();
     __syncthreads();
     if (tid == 0) last = atomicAdd(count, 1u) == (unsigned int)active - 1;
@@ -671,19 +685,8 @@ __device__ void attention_split(const float* q, const unsigned long long* caches
     }
     __syncthreads();
     size_t base = (size_t)(r * n_head + h) * gridDim.z;
-    float* mine = part + (base + z) * (d + 2);
-    for (int i = tid; i < d; i += bd) {
-        float t = 0.f;
-        for (int g = 0; g < pgroups; g++) t += sums[g * d + i];
-        if (active == 1) {
-            out[(size_t)r * c + h * d + i] = S::store(t / l);
-        } else {
-            mine[2 + i] = t;
-        }
-    }
-    if (active == 1) return;
-    combine_chunks<S>(m, l, part, base, z, active, d, counts + r * n_head + h,
-                      out + (size_t)r * c + h * d, bd);
+    finish_chunk<S>(sums, pgroups, m, l, part, base, z, active, d, counts + r * n_head + h,
+                    out + (size_t)r * c + h * d, bd);
 }
 
 // 16-byte copies from global to shared memory that do not hold up the thread (sm_80 and later;
@@ -792,19 +795,8 @@ __device__ void attention_decode(const float* q, const unsigned long long* cache
     }
     __syncthreads();
     size_t base = (size_t)(r * n_head + h) * gridDim.x;
-    float* mine = part + (base + z) * (d + 2);
-    for (int i = tid; i < d; i += DECODE_THREADS) {
-        float t = 0.f;
-        for (int g = 0; g < pgroups; g++) t += sums[g * d + i];
-        if (active == 1) {
-            out[(size_t)r * c + h * d + i] = S::store(t / l);
-        } else {
-            mine[2 + i] = t;
-        }
-    }
-    if (active == 1) return;
-    combine_chunks<S>(m, l, part, base, z, active, d, counts + r * n_head + h,
-                      out + (size_t)r * c + h * d, DECODE_THREADS);
+    finish_chunk<S>(sums, pgroups, m, l, part, base, z, active, d, counts + r * n_head + h,
+                    out + (size_t)r * c + h * d, DECODE_THREADS);
 }
 
 // Two values in S::T as one 32-bit register, the first in the low half (mma's operand order).
