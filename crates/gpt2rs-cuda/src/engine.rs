@@ -1515,6 +1515,13 @@ impl Engine for CudaEngine {
             }
             row += e.tokens.len();
         }
+        if group > 1 {
+            // Longest groups first (the most keys: a prompt's last rows), so none of them
+            // starts late, behind blocks that finish quickly.
+            let mut pairs: Vec<[i32; 2]> = groups.chunks_exact(2).map(|g| [g[0], g[1]]).collect();
+            pairs.sort_by_key(|g| std::cmp::Reverse(pos[(g[0] + g[1] - 1) as usize]));
+            groups = pairs.concat();
+        }
         // The per-row inputs in one copy: caches and pick seeds (u64), then tokens, positions,
         // wanted rows, cache capacities (i32), picks' 1 / temperature (f32), top-k (i32) and
         // top-p (f32), and attention's groups (two i32 each, at most one per row).

@@ -807,6 +807,7 @@ __device__ __forceinline__ unsigned int pack2(float lo, float hi) {
 
 // d += a · b on the tensor cores: a 16×16 tile of A (4 registers, row-major), a 16×8 tile of B
 // (2 registers, column-major), f32 accumulators in PTX's m16n8k16 fragment layout.
+// Not `volatile`: it only computes, so the compiler may interleave independent products.
 template <class S>
 struct Mma;
 template <>
@@ -814,7 +815,7 @@ struct Mma<F16> {
     static __device__ __forceinline__ void run(float* d, const unsigned int* a, unsigned int b0,
                                                unsigned int b1) {
 #if __CUDA_ARCH__ >= 800
-        asm volatile(
+        asm(
             "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
             "{%8,%9}, {%0,%1,%2,%3};"
             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
@@ -827,7 +828,7 @@ struct Mma<BF16> {
     static __device__ __forceinline__ void run(float* d, const unsigned int* a, unsigned int b0,
                                                unsigned int b1) {
 #if __CUDA_ARCH__ >= 800
-        asm volatile(
+        asm(
             "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
             "{%8,%9}, {%0,%1,%2,%3};"
             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
@@ -839,23 +840,66 @@ struct Mma<BF16> {
 #define MMA_D 64     // head size (every GPT-2 size has 64)
 #define MMA_ROWS 64  // query rows per block: 16 per warp, 4 warps
 #define MMA_KEYS 64  // keys per tile
-#define MMA_PAD 72   // shared rows' stride in elements: B-fragment loads hit 32 distinct banks
+#define MMA_PAD 72   // shared rows' stride in elements: ldmatrix's 8 rows hit 8 distinct 16-byte bank groups
+
+// cp.async of 16 bytes, or 16 zero bytes when `ok` is false (nothing is read then).
+__device__ __forceinline__ void copy16_async_or_zero(void* smem, const void* gmem, bool ok) {
+#if __CUDA_ARCH__ >= 800
+    unsigned int dst = (unsigned int)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(gmem),
+                 "r"(ok ? 16 : 0)
+                 : "memory");
+#else
+    *(uint4*)smem = ok ? *(const uint4*)gmem : make_uint4(0u, 0u, 0u, 0u);
+#endif
+}
+// Closes this thread's group of copies issued so far.
+__device__ __forceinline__ void copies_commit() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+// Waits until at most N of this thread's committed copy groups are still in flight.
+template <int N>
+__device__ __forceinline__ void copies_wait() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#endif
+}
+// Four 8×8 matrices of 16-bit values from shared memory, lane l giving the address of row
+// l % 8 of matrix l / 8: mma B fragments (`trans` for a matrix stored k-major).
+template <bool TRANS>
+__device__ __forceinline__ void ldmatrix4(unsigned int* r, const void* smem) {
+#if __CUDA_ARCH__ >= 750
+    unsigned int a = (unsigned int)__cvta_generic_to_shared(smem);
+    if (TRANS)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(a));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(a));
+#endif
+}
 
 // The attention of a group of up to MMA_ROWS consecutive query rows of one sequence (a prompt
 // chunk; see `attention` for groups and the cache) for head blockIdx.x, on the tensor cores
 // (sm_80 and later, f16 / bf16, 128 threads): FlashAttention-2's loop. Each warp holds 16
-// rows' q as mma A fragments. Per tile of 64 keys, K and V go to shared memory (V transposed,
-// so both give B fragments as 32-bit loads; the next tile's are read while this one's
-// products run); S = q·Kᵀ in f32, masked causally by position; each row's running max and
-// sum rescale what it has so far (online softmax); P, rounded to S::T, is multiplied into
-// O = P·V straight from the S accumulators' registers.
+// rows' q as mma A fragments. Tiles of 64 keys' K and V are copied into shared memory as they
+// lie in the cache ([key][dim]) with cp.async, two tiles in flight, so the copies need no
+// registers and the next tile arrives while this one's products run; ldmatrix turns them into
+// B fragments (V transposed on the way). S = q·Kᵀ in f32, masked causally by position on the
+// tiles that reach past a row; each row's running max and sum rescale what it has so far
+// (online softmax); P, rounded to S::T, is multiplied into O = P·V straight from the S
+// accumulators' registers.
 template <class S>
 __device__ void attention_mma(const float* q, const unsigned long long* caches, const int* pos,
                               const int* caps, const int* groups, typename S::T* out, int c,
                               int layer, int n_layer) {
     typedef typename S::T T;
-    __shared__ __align__(16) T ks[MMA_KEYS * MMA_PAD];  // [key][dim]
-    __shared__ __align__(16) T vs[MMA_D * MMA_PAD];     // [dim][key]
+    __shared__ __align__(16) T ks[2][MMA_KEYS * MMA_PAD];  // [stage][key][dim]
+    __shared__ __align__(16) T vs[2][MMA_KEYS * MMA_PAD];  // [stage][key][dim]
     int h = blockIdx.x, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     int g = lane >> 2, t = lane & 3;  // fragment row and column pair
     int first = groups[2 * blockIdx.y], count = groups[2 * blockIdx.y + 1];
@@ -866,7 +910,26 @@ __device__ void attention_mma(const float* q, const unsigned long long* caches, 
     // This thread's rows (g and g + 8 of its warp's 16) and their positions; -1 masks every key.
     int r0 = warp * 16 + g, r1 = r0 + 8;
     int p0 = r0 < count ? pos[first + r0] : -1, p1 = r1 < count ? pos[first + r1] : -1;
+    int pmin = min(p0, p1);
     bool busy = warp * 16 < count;
+
+    // A tile is 64 keys × 128 bytes of K and of V: each thread copies 4 pieces of 16 bytes of
+    // each (8 threads per key row). Keys past n are zeros (P is 0 there, and 0 · garbage
+    // could be NaN).
+    const int PIECES = MMA_KEYS * 8 / 128;
+    auto fetch = [&](int base, int stage) {
+#pragma unroll
+        for (int u = 0; u < PIECES; u++) {
+            int i = tid + 128 * u, key = i >> 3, part = (i & 7) * 8;
+            bool ok = base + key < n;
+            size_t at = (size_t)(ok ? base + key : 0) * c + part;
+            copy16_async_or_zero(&ks[stage][key * MMA_PAD + part], keys + at, ok);
+            copy16_async_or_zero(&vs[stage][key * MMA_PAD + part], values + at, ok);
+        }
+    };
+    fetch(0, 0);
+    copies_commit();
+
     unsigned int qa[4][4];  // A fragments of q, by 16 dims
     {
         const float* q0 = q + (size_t)(first + min(r0, count - 1)) * c + h * MMA_D + 2 * t;
@@ -884,64 +947,49 @@ __device__ void attention_mma(const float* q, const unsigned long long* caches, 
 #pragma unroll
     for (int j = 0; j < 8; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
     float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;  // running max and sum per row
+    // ldmatrix addresses: lane l gives row l % 8 of matrix l / 8. For K (by 8 keys j): keys
+    // 8j + l % 8, dims 8 · (l / 8) (+ 32 for the second load). For V (by 16 keys kk and 16
+    // dims jj): keys 16kk + 8 · (l / 8 % 2) + l % 8, dims 16jj + 8 · (l / 16).
+    int k_off = (lane & 7) * MMA_PAD + (lane >> 3) * 8;
+    int v_off = (((lane >> 3) & 1) * 8 + (lane & 7)) * MMA_PAD + (lane >> 4) * 8;
 
-    // Each thread moves 4 of a tile's K pieces and 4 of its V pieces (16 bytes each). K: 8
-    // threads per key row (its 128 bytes in one go). V: a warp per 32 keys of one 8-dim slice,
-    // so the transposed stores are consecutive. Keys past n are zeros (P is 0 there, and
-    // 0 · garbage could be NaN). The next tile's pieces are loaded into registers while this
-    // tile's products run.
-    const int PIECES = MMA_KEYS * 8 / 128;
-    uint4 kn[PIECES], vn[PIECES];
-    auto fetch = [&](int base) {
-#pragma unroll
-        for (int u = 0; u < PIECES; u++) {
-            int i = tid + 128 * u;
-            int kkey = i >> 3, kpart = (i & 7) * 8;
-            int vkey = i & (MMA_KEYS - 1), vpart = (i / MMA_KEYS) * 8;
-            kn[u] = make_uint4(0, 0, 0, 0);
-            vn[u] = make_uint4(0, 0, 0, 0);
-            if (base + kkey < n)
-                kn[u] = *(const uint4*)(keys + (size_t)(base + kkey) * c + kpart);
-            if (base + vkey < n)
-                vn[u] = *(const uint4*)(values + (size_t)(base + vkey) * c + vpart);
-        }
-    };
-    fetch(0);
-    for (int base = 0; base < n; base += MMA_KEYS) {
-        __syncthreads();  // the last tile is used up
-#pragma unroll
-        for (int u = 0; u < PIECES; u++) {
-            int i = tid + 128 * u;
-            *(uint4*)(ks + (i >> 3) * MMA_PAD + (i & 7) * 8) = kn[u];
-            int vkey = i & (MMA_KEYS - 1), vpart = (i / MMA_KEYS) * 8;
-            const T* vt = (const T*)&vn[u];
-#pragma unroll
-            for (int e = 0; e < 8; e++) vs[(vpart + e) * MMA_PAD + vkey] = vt[e];
-        }
+    for (int base = 0, stage = 0; base < n; base += MMA_KEYS, stage ^= 1) {
+        // Everyone is done with the other stage (the tile before): refill it with the next.
         __syncthreads();
-        if (base + MMA_KEYS < n) fetch(base + MMA_KEYS);
+        if (base + MMA_KEYS < n) {
+            fetch(base + MMA_KEYS, stage ^ 1);
+            copies_commit();
+            copies_wait<1>();  // this tile's copies are in; the next one's may fly
+        } else {
+            copies_wait<0>();
+        }
+        __syncthreads();  // and everyone's
         if (!busy) continue;
+        const T* kt = ks[stage];
+        const T* vt = vs[stage];
 
         float sc[8][4];  // scores, by 8 keys: (row g, keys 2t, 2t+1), (row g + 8, same keys)
 #pragma unroll
         for (int j = 0; j < 8; j++) {
             sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
-            const T* kr = ks + (8 * j + g) * MMA_PAD + 2 * t;
+            unsigned int b[8];  // B fragments for dims 0-31, then 32-63
+            ldmatrix4<false>(b, kt + 8 * j * MMA_PAD + k_off);
+            ldmatrix4<false>(b + 4, kt + 8 * j * MMA_PAD + k_off + 32);
 #pragma unroll
-            for (int kk = 0; kk < 4; kk++) {
-                unsigned int b0 = *(const unsigned int*)(kr + kk * 16);
-                unsigned int b1 = *(const unsigned int*)(kr + kk * 16 + 8);
-                Mma<S>::run(sc[j], qa[kk], b0, b1);
-            }
+            for (int kk = 0; kk < 4; kk++) Mma<S>::run(sc[j], qa[kk], b[2 * kk], b[2 * kk + 1]);
         }
         float x0 = m0, x1 = m1;
+        // Only tiles that reach past a row's position need the causal mask.
+        bool edge = base + MMA_KEYS - 1 > pmin;
 #pragma unroll
         for (int j = 0; j < 8; j++) {
 #pragma unroll
             for (int e = 0; e < 2; e++) {
-                int key = base + 8 * j + 2 * t + e;
-                if (key > p0) sc[j][e] = NEG_INF;
-                if (key > p1) sc[j][2 + e] = NEG_INF;
+                if (edge) {
+                    int key = base + 8 * j + 2 * t + e;
+                    if (key > p0) sc[j][e] = NEG_INF;
+                    if (key > p1) sc[j][2 + e] = NEG_INF;
+                }
                 x0 = fmaxf(x0, sc[j][e]);
                 x1 = fmaxf(x1, sc[j][2 + e]);
             }
@@ -969,13 +1017,13 @@ __device__ void attention_mma(const float* q, const unsigned long long* caches, 
             pa[j >> 1][(j & 1) * 2 + 1] = pack2<S>(e2, e3);
         }
 #pragma unroll
-        for (int j = 0; j < 8; j++) {
-            const T* vr = vs + (8 * j + g) * MMA_PAD + 2 * t;
+        for (int kk = 0; kk < 4; kk++) {
 #pragma unroll
-            for (int kk = 0; kk < 4; kk++) {
-                unsigned int b0 = *(const unsigned int*)(vr + kk * 16);
-                unsigned int b1 = *(const unsigned int*)(vr + kk * 16 + 8);
-                Mma<S>::run(o[j], pa[kk], b0, b1);
+            for (int jj = 0; jj < 4; jj++) {
+                unsigned int b[4];  // dims 16jj.. +7 (b[0], b[1]) and +8.. +15 (b[2], b[3])
+                ldmatrix4<true>(b, vt + 16 * kk * MMA_PAD + 16 * jj + v_off);
+                Mma<S>::run(o[2 * jj], pa[kk], b[0], b[1]);
+                Mma<S>::run(o[2 * jj + 1], pa[kk], b[2], b[3]);
             }
         }
     }
@@ -1498,11 +1546,13 @@ __device__ void gemv_tc(const typename S::T* __restrict__ x, const typename S::T
                 const uint4 lo = a[u][mt][0], hi = a[u][mt][1];
                 const unsigned int a0[4] = {lo.x, hi.x, lo.y, hi.y};
                 const unsigned int a1[4] = {lo.z, hi.z, lo.w, hi.w};
+// All tiles' first halves, then their second: NT accumulations in flight.
 #pragma unroll
-                for (int nt = 0; nt < NT; nt++) {
+                for (int nt = 0; nt < NT; nt++)
                     Mma<S>::run(acc[mt][nt], a0, b[u][nt].x, b[u][nt].y);
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++)
                     Mma<S>::run(acc[mt][nt], a1, b[u][nt].z, b[u][nt].w);
-                }
             }
         }
     };
@@ -1661,7 +1711,7 @@ __device__ void epilogue_rows(const float* y, int rows, int n, const Epi<S>& e) 
 
 // Tensor-core attention for prompt chunks (f16 and bf16 activations; see attention_mma).
 #define ATTENTION_MMA(S, name)                                                                \
-    extern "C" __global__ void __launch_bounds__(128, 3) attention_mma_##name(                \
+    extern "C" __global__ void __launch_bounds__(128, 4) attention_mma_##name(                \
         const float* q, const unsigned long long* caches, const int* pos, const int* caps,    \
         const int* groups, S::T* out, int c, int layer, int n_layer) {                        \
         PDL_START();                                                                          \
