@@ -17,7 +17,7 @@ use crate::weights::{DeviceMatrix, DeviceModel, MatrixFormat, Precision};
 use cudarc::cublas::sys::{
     cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t,
 };
-use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::sys::{CUfunction_attribute, CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaFunction, CudaGraph, CudaSlice, DevicePtr, LaunchConfig};
 use gpt2rs::config::{Activation, Gpt2Config};
 use gpt2rs::engine::{BatchEntry, Engine, Logits, LogitsFor, PickRule, SeqId};
@@ -41,6 +41,8 @@ const ATTENTION_GROUP: usize = 8;
 /// Query rows per block of the tensor-core attention for prompt chunks (kernels.cu's
 /// MMA_ROWS), which needs heads of this size (every GPT-2's).
 const ATTENTION_MMA_ROWS: usize = 64;
+/// kernels.cu's MMA_SHARED_BYTES: two sets × two stages × a K and a V tile of 64 × 72 halves.
+const ATTENTION_MMA_SHARED: u32 = 2 * 2 * 2 * 64 * 72 * 2;
 const ATTENTION_MMA_HEAD: usize = 64;
 /// Threads per block of the split decode attention (kernels.cu's attention_split; heads up
 /// to this wide), and the most blocks a row and head is split into.
@@ -287,7 +289,16 @@ impl Kernels {
             attention_split: f("attention_split")?,
             attention_decode: f("attention_decode")?,
             attention_mma: (p != Precision::F32 && dev.major >= 8)
-                .then(|| f("attention_mma"))
+                .then(|| {
+                    let k = f("attention_mma")?;
+                    // More than the 48 KB a kernel gets unless it asks.
+                    k.set_attribute(
+                        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        ATTENTION_MMA_SHARED as i32,
+                    )
+                    .map_err(device_err("giving attention_mma its shared memory"))?;
+                    Ok(k)
+                })
                 .transpose()?,
             epilogue_rows: f("epilogue_rows")?,
             argmax: f("argmax")?,
@@ -932,8 +943,8 @@ impl CudaEngine {
                 args.extend([Arg::Int(l as i32), Arg::Int(cfg.n_layer as i32)]);
                 let cfg = LaunchConfig {
                     grid_dim: grid(1),
-                    block_dim: (128, 1, 1),
-                    shared_mem_bytes: 0,
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: ATTENTION_MMA_SHARED,
                 };
                 (mma, cfg)
             }

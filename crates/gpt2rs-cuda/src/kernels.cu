@@ -841,6 +841,10 @@ struct Mma<BF16> {
 #define MMA_ROWS 64  // query rows per block: 16 per warp, 4 warps
 #define MMA_KEYS 64  // keys per tile
 #define MMA_PAD 72   // shared rows' stride in elements: ldmatrix's 8 rows hit 8 distinct 16-byte bank groups
+#define MMA_SETS 2   // sets of 4 warps, each taking every other tile of keys
+#define MMA_TILE_BYTES (MMA_KEYS * MMA_PAD * 2)
+// Dynamic shared memory of attention_mma: per set, two stages of a K and a V tile.
+#define MMA_SHARED_BYTES (MMA_SETS * 2 * 2 * MMA_TILE_BYTES)
 
 // cp.async of 16 bytes, or 16 zero bytes when `ok` is false (nothing is read then).
 __device__ __forceinline__ void copy16_async_or_zero(void* smem, const void* gmem, bool ok) {
@@ -866,6 +870,14 @@ __device__ __forceinline__ void copies_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 #endif
 }
+// Waits for the 128 threads of set `set` (named barrier 1 + set; 0 is __syncthreads').
+// The ids are constants so that ptxas counts 3 barriers, not all 16.
+__device__ __forceinline__ void set_sync(int set) {
+    if (set == 0)
+        asm volatile("bar.sync 1, 128;" ::: "memory");
+    else
+        asm volatile("bar.sync 2, 128;" ::: "memory");
+}
 // Four 8×8 matrices of 16-bit values from shared memory, lane l giving the address of row
 // l % 8 of matrix l / 8: mma B fragments (`trans` for a matrix stored k-major).
 template <bool TRANS>
@@ -885,11 +897,14 @@ __device__ __forceinline__ void ldmatrix4(unsigned int* r, const void* smem) {
 
 // The attention of a group of up to MMA_ROWS consecutive query rows of one sequence (a prompt
 // chunk; see `attention` for groups and the cache) for head blockIdx.x, on the tensor cores
-// (sm_80 and later, f16 / bf16, 128 threads): FlashAttention-2's loop. Each warp holds 16
-// rows' q as mma A fragments. Tiles of 64 keys' K and V are copied into shared memory as they
-// lie in the cache ([key][dim]) with cp.async, two tiles in flight, so the copies need no
-// registers and the next tile arrives while this one's products run; ldmatrix turns them into
-// B fragments (V transposed on the way). S = q·Kᵀ in f32, masked causally by position on the
+// (sm_80 and later, f16 / bf16, 256 threads, MMA_SHARED_BYTES of dynamic shared memory):
+// FlashAttention-2's loop, split in two along the keys. The block's two sets of 4 warps take
+// alternate tiles of 64 keys (so a prompt's last rows, which see every key, wait half as
+// long), and set 0 merges set 1's partial softmax into its own at the end. In a set each warp
+// holds 16 rows' q as mma A fragments. Tiles of K and V are copied into the set's shared
+// memory as they lie in the cache ([key][dim]) with cp.async, two tiles in flight, so the
+// copies need no registers and the next tile arrives while this one's products run; ldmatrix
+// turns them into B fragments (V transposed on the way). S = q·Kᵀ in f32, masked causally by position on the
 // tiles that reach past a row; each row's running max and sum rescale what it has so far
 // (online softmax); P, rounded to S::T, is multiplied into O = P·V straight from the S
 // accumulators' registers.
@@ -898,9 +913,12 @@ __device__ void attention_mma(const float* q, const unsigned long long* caches, 
                               const int* caps, const int* groups, typename S::T* out, int c,
                               int layer, int n_layer) {
     typedef typename S::T T;
-    __shared__ __align__(16) T ks[2][MMA_KEYS * MMA_PAD];  // [stage][key][dim]
-    __shared__ __align__(16) T vs[2][MMA_KEYS * MMA_PAD];  // [stage][key][dim]
-    int h = blockIdx.x, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    extern __shared__ __align__(16) unsigned char mma_smem[];
+    int h = blockIdx.x, lane = threadIdx.x & 31, set = threadIdx.x >> 7;
+    int tid = threadIdx.x & 127, warp = tid >> 5;  // within the set
+    // This set's stages, each a K then a V tile of [key][dim].
+    T* tiles = (T*)(mma_smem + set * 4 * MMA_TILE_BYTES);
+    const int TILE = MMA_KEYS * MMA_PAD;
     int g = lane >> 2, t = lane & 3;  // fragment row and column pair
     int first = groups[2 * blockIdx.y], count = groups[2 * blockIdx.y + 1];
     int n = pos[first + count - 1] + 1;
@@ -923,11 +941,15 @@ __device__ void attention_mma(const float* q, const unsigned long long* caches, 
             int i = tid + 128 * u, key = i >> 3, part = (i & 7) * 8;
             bool ok = base + key < n;
             size_t at = (size_t)(ok ? base + key : 0) * c + part;
-            copy16_async_or_zero(&ks[stage][key * MMA_PAD + part], keys + at, ok);
-            copy16_async_or_zero(&vs[stage][key * MMA_PAD + part], values + at, ok);
+            T* kt = tiles + 2 * stage * TILE;
+            copy16_async_or_zero(kt + key * MMA_PAD + part, keys + at, ok);
+            copy16_async_or_zero(kt + TILE + key * MMA_PAD + part, values + at, ok);
         }
     };
-    fetch(0, 0);
+    // Set s takes the tiles at keys 64 · (s + 2i).
+    const int STRIDE = MMA_SETS * MMA_KEYS;
+    int start = set * MMA_KEYS;
+    if (start < n) fetch(start, 0);
     copies_commit();
 
     unsigned int qa[4][4];  // A fragments of q, by 16 dims
@@ -953,20 +975,20 @@ __device__ void attention_mma(const float* q, const unsigned long long* caches, 
     int k_off = (lane & 7) * MMA_PAD + (lane >> 3) * 8;
     int v_off = (((lane >> 3) & 1) * 8 + (lane & 7)) * MMA_PAD + (lane >> 4) * 8;
 
-    for (int base = 0, stage = 0; base < n; base += MMA_KEYS, stage ^= 1) {
-        // Everyone is done with the other stage (the tile before): refill it with the next.
-        __syncthreads();
-        if (base + MMA_KEYS < n) {
-            fetch(base + MMA_KEYS, stage ^ 1);
+    for (int base = start, stage = 0; base < n; base += STRIDE, stage ^= 1) {
+        // The set is done with the other stage (its tile before): refill it with the next.
+        set_sync(set);
+        if (base + STRIDE < n) {
+            fetch(base + STRIDE, stage ^ 1);
             copies_commit();
             copies_wait<1>();  // this tile's copies are in; the next one's may fly
         } else {
             copies_wait<0>();
         }
-        __syncthreads();  // and everyone's
+        set_sync(set);  // and the whole set's
         if (!busy) continue;
-        const T* kt = ks[stage];
-        const T* vt = vs[stage];
+        const T* kt = tiles + 2 * stage * TILE;
+        const T* vt = kt + TILE;
 
         float sc[8][4];  // scores, by 8 keys: (row g, keys 2t, 2t+1), (row g + 8, same keys)
 #pragma unroll
@@ -1031,6 +1053,36 @@ __device__ void attention_mma(const float* q, const unsigned long long* caches, 
     for (int o2 = 1; o2 < 4; o2 <<= 1) {
         l0 += __shfl_xor_sync(FULL_MASK, l0, o2);
         l1 += __shfl_xor_sync(FULL_MASK, l1, o2);
+    }
+    // Set 1 leaves its O, maxima and sums in shared memory (value v of thread tid at
+    // [v][tid], so the stores do not conflict); set 0 rescales both to the larger maximum.
+    __syncthreads();  // every tile is used up
+    float* merge = (float*)mma_smem;
+    if (set == 1) {
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) merge[(4 * j + e) * 128 + tid] = o[j][e];
+        merge[32 * 128 + tid] = m0, merge[33 * 128 + tid] = m1;
+        merge[34 * 128 + tid] = l0, merge[35 * 128 + tid] = l1;
+    }
+    __syncthreads();
+    if (set == 1) return;
+    {
+        float n0 = merge[32 * 128 + tid], n1 = merge[33 * 128 + tid];
+        float x0 = fmaxf(m0, n0), x1 = fmaxf(m1, n1);
+        // Rows with no key in either set keep -inf: their factors are 0.
+        float a0 = x0 == NEG_INF ? 0.f : __expf(m0 - x0), b0 = x0 == NEG_INF ? 0.f : __expf(n0 - x0);
+        float a1 = x1 == NEG_INF ? 0.f : __expf(m1 - x1), b1 = x1 == NEG_INF ? 0.f : __expf(n1 - x1);
+        l0 = l0 * a0 + merge[34 * 128 + tid] * b0;
+        l1 = l1 * a1 + merge[35 * 128 + tid] * b1;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            o[j][0] = o[j][0] * a0 + merge[(4 * j) * 128 + tid] * b0;
+            o[j][1] = o[j][1] * a0 + merge[(4 * j + 1) * 128 + tid] * b0;
+            o[j][2] = o[j][2] * a1 + merge[(4 * j + 2) * 128 + tid] * b1;
+            o[j][3] = o[j][3] * a1 + merge[(4 * j + 3) * 128 + tid] * b1;
+        }
     }
     float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
 #pragma unroll
@@ -1711,7 +1763,7 @@ __device__ void epilogue_rows(const float* y, int rows, int n, const Epi<S>& e) 
 
 // Tensor-core attention for prompt chunks (f16 and bf16 activations; see attention_mma).
 #define ATTENTION_MMA(S, name)                                                                \
-    extern "C" __global__ void __launch_bounds__(128, 4) attention_mma_##name(                \
+    extern "C" __global__ void __launch_bounds__(256, 2) attention_mma_##name(                \
         const float* q, const unsigned long long* caches, const int* pos, const int* caps,    \
         const int* groups, S::T* out, int c, int layer, int n_layer) {                        \
         PDL_START();                                                                          \
