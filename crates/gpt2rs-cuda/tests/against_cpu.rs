@@ -328,6 +328,47 @@ fn decode_batches_of_every_gemv_size_and_picks_made_on_the_gpu() {
     }
 }
 
+#[test]
+#[ignore = "known issue, not fixed: two engines on one GPU in one process disturb each other's \
+            graph captures (docs/benchmarks.md, eighth session); run with --ignored"]
+fn decode_graphs_hold_while_another_engine_works_on_the_same_gpu() {
+    // A second engine on the same GPU, opened, run and dropped over and over on another
+    // thread (module loads, allocations, frees), while this one captures decode graphs of 1-9
+    // rows. On the H200 this fails within a second: a capture is invalidated
+    // (CUDA_ERROR_STREAM_CAPTURE_INVALIDATED), or the other engine's cuBLAS product fails
+    // with CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED. The suite's two test threads do the same by
+    // accident: most likely the intermittent failure of earlier sessions. It has not been
+    // seen with one engine per GPU (as `serve --devices` runs them).
+    let w = fixture_weights("odd-heads", DType::F32);
+    let Some(mut g) = gpu(&w) else { return };
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let other = {
+        let (w, stop) = (w.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut rounds = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut e = CudaEngine::new(&w, 0).expect("the second engine");
+                let seq = e.add_sequence();
+                let ids = tokens(37, w.config.vocab_size, rounds);
+                e.forward(&[BatchEntry {
+                    seq,
+                    tokens: &ids,
+                    logits: LogitsFor::Last,
+                }])
+                .unwrap_or_else(|e| panic!("the second engine's pass {rounds}: {e}"));
+                rounds += 1;
+            }
+            rounds
+        })
+    };
+    let mut c = CpuEngine::new(w);
+    let worst = decode_batches(&mut c, &mut g, true, (1..=9).chain(1..=9));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rounds = other.join().expect("the second engine's thread");
+    eprintln!("decode beside {rounds} runs of a second engine: worst relative error {worst:.2e}");
+    assert!(worst < 1e-4, "worst relative error {worst:e}");
+}
+
 /// Decode batches of each size in `sizes` after ragged prompts, three steps each, with rows
 /// rotating through greedy, logits-back, sampled and top-k / top-p picks; the worst relative
 /// error of the logits rows. Picks must equal the rule applied to the CPU's logits (`exact`)
