@@ -840,7 +840,7 @@ struct Mma<BF16> {
 #define MMA_D 64     // head size (every GPT-2 size has 64)
 #define MMA_ROWS 64  // query rows per block: 16 per warp, 4 warps
 #define MMA_KEYS 64  // keys per tile
-#define MMA_PAD 72   // shared rows' stride in elements: ldmatrix's 8 rows hit 8 distinct 16-byte bank groups
+#define MMA_PAD 72   // shared rows' stride in elements: ldmatrix's 8 rows hit distinct banks
 #define MMA_SETS 2   // sets of 4 warps, each taking every other tile of keys
 #define MMA_TILE_BYTES (MMA_KEYS * MMA_PAD * 2)
 // Dynamic shared memory of attention_mma: per set, two stages of a K and a V tile.
@@ -904,10 +904,10 @@ __device__ __forceinline__ void ldmatrix4(unsigned int* r, const void* smem) {
 // holds 16 rows' q as mma A fragments. Tiles of K and V are copied into the set's shared
 // memory as they lie in the cache ([key][dim]) with cp.async, two tiles in flight, so the
 // copies need no registers and the next tile arrives while this one's products run; ldmatrix
-// turns them into B fragments (V transposed on the way). S = q·Kᵀ in f32, masked causally by position on the
-// tiles that reach past a row; each row's running max and sum rescale what it has so far
-// (online softmax); P, rounded to S::T, is multiplied into O = P·V straight from the S
-// accumulators' registers.
+// turns them into B fragments (V transposed on the way). S = q·Kᵀ in f32, masked causally by
+// position on the tiles that reach past a row; each row's running max and sum rescale what it
+// has so far (online softmax); P, rounded to S::T, is multiplied into O = P·V straight from
+// the S accumulators' registers.
 template <class S>
 __device__ void attention_mma(const float* q, const unsigned long long* caches, const int* pos,
                               const int* caps, const int* groups, typename S::T* out, int c,
@@ -1598,7 +1598,7 @@ __device__ void gemv_tc(const typename S::T* __restrict__ x, const typename S::T
                 const uint4 lo = a[u][mt][0], hi = a[u][mt][1];
                 const unsigned int a0[4] = {lo.x, hi.x, lo.y, hi.y};
                 const unsigned int a1[4] = {lo.z, hi.z, lo.w, hi.w};
-// All tiles' first halves, then their second: NT accumulations in flight.
+                // All tiles' first halves, then their second: NT accumulations in flight.
 #pragma unroll
                 for (int nt = 0; nt < NT; nt++)
                     Mma<S>::run(acc[mt][nt], a0, b[u][nt].x, b[u][nt].y);
