@@ -699,10 +699,34 @@ __device__ __forceinline__ void copy16_async(void* smem, const void* gmem) {
     *(uint4*)smem = *(const uint4*)gmem;
 #endif
 }
-__device__ __forceinline__ void copies_wait_all() {
+// cp.async of 16 bytes, or 16 zero bytes when `ok` is false (nothing is read then).
+__device__ __forceinline__ void copy16_async_or_zero(void* smem, const void* gmem, bool ok) {
 #if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.commit_group;\n\tcp.async.wait_group 0;" ::: "memory");
+    unsigned int dst = (unsigned int)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(gmem),
+                 "r"(ok ? 16 : 0)
+                 : "memory");
+#else
+    *(uint4*)smem = ok ? *(const uint4*)gmem : make_uint4(0u, 0u, 0u, 0u);
 #endif
+}
+// Closes this thread's group of copies issued so far.
+__device__ __forceinline__ void copies_commit() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+// Waits until at most N of this thread's committed copy groups are still in flight.
+template <int N>
+__device__ __forceinline__ void copies_wait() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#endif
+}
+// Closes this thread's copies and waits for all of them.
+__device__ __forceinline__ void copies_wait_all() {
+    copies_commit();
+    copies_wait<0>();
 }
 
 // Decode attention: softmax(q · Kᵀ) · V of row blockIdx.z (one new token of its sequence) and
@@ -846,30 +870,6 @@ struct Mma<BF16> {
 // Dynamic shared memory of attention_mma: per set, two stages of a K and a V tile.
 #define MMA_SHARED_BYTES (MMA_SETS * 2 * 2 * MMA_TILE_BYTES)
 
-// cp.async of 16 bytes, or 16 zero bytes when `ok` is false (nothing is read then).
-__device__ __forceinline__ void copy16_async_or_zero(void* smem, const void* gmem, bool ok) {
-#if __CUDA_ARCH__ >= 800
-    unsigned int dst = (unsigned int)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(gmem),
-                 "r"(ok ? 16 : 0)
-                 : "memory");
-#else
-    *(uint4*)smem = ok ? *(const uint4*)gmem : make_uint4(0u, 0u, 0u, 0u);
-#endif
-}
-// Closes this thread's group of copies issued so far.
-__device__ __forceinline__ void copies_commit() {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.commit_group;" ::: "memory");
-#endif
-}
-// Waits until at most N of this thread's committed copy groups are still in flight.
-template <int N>
-__device__ __forceinline__ void copies_wait() {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-#endif
-}
 // Waits for the 128 threads of set `set` (named barrier 1 + set; 0 is __syncthreads').
 // The ids are constants so that ptxas counts 3 barriers, not all 16.
 __device__ __forceinline__ void set_sync(int set) {
