@@ -29,8 +29,14 @@ fn device_names(a: &ServeArgs) -> Vec<String> {
 
 pub fn serve(a: ServeArgs) -> Result<()> {
     let devices = device_names(&a);
-    for d in &devices {
+    for (i, d) in devices.iter().enumerate() {
         crate::device::Device::parse(d)?;
+        if d.starts_with("cuda") && devices[..i].contains(d) {
+            eprintln!(
+                "note: {d} is named more than once; engines on one GPU take turns, so this \
+                 serves no faster than one engine there"
+            );
+        }
     }
     let m = crate::commands::load(&a.model)?;
     let config = m.weights.config.clone();

@@ -1,4 +1,4 @@
-//! [`CudaEngine`]: GPT-2's forward pass on one GPU, behind the same [`Engine`] interface as the
+//! [`GpuEngine`]: GPT-2's forward pass on one GPU, behind the same [`Engine`] interface as the
 //! CPU backend (ragged batches, a KV cache per sequence).
 //!
 //! One pass, per layer: layer norm → QKV product (+ bias, q scaled, K/V stored into each row's
@@ -349,8 +349,9 @@ struct Scratch {
     bufs: HashMap<&'static str, CudaSlice<u8>>,
 }
 
-/// GPT-2 on an NVIDIA GPU.
-pub struct CudaEngine {
+/// GPT-2 on an NVIDIA GPU; [`crate::CudaEngine`] is this, taking turns with the process's
+/// other users of the same GPU.
+pub(crate) struct GpuEngine {
     dev: Device,
     kernels: Kernels,
     w: DeviceModel,
@@ -385,7 +386,7 @@ pub struct CudaEngine {
     pinned: Option<cudarc::driver::PinnedHostSlice<u8>>,
 }
 
-impl CudaEngine {
+impl GpuEngine {
     /// Opens GPU `ordinal` and copies `weights` onto it; fails with the numbers when they do
     /// not fit, and plainly when there is no GPU or the precision is not supported here.
     pub fn new(weights: &ModelWeights, ordinal: usize) -> Result<Self> {
@@ -444,9 +445,13 @@ impl CudaEngine {
     /// Runs the products of passes of `rows` rows on the tensor cores (kernels.cu's gemv_tc,
     /// within 1-64 rows; where it has kernels), instead of the default (TC_DEFAULT_ROWS) or
     /// GPT2RS_CUDA_TC_ROWS; for tests and comparisons.
-    pub fn with_tensor_core_rows(mut self, rows: std::ops::RangeInclusive<usize>) -> Self {
+    pub fn set_tensor_core_rows(&mut self, rows: std::ops::RangeInclusive<usize>) {
         self.tc_rows = (*rows.start()).max(1)..=(*rows.end()).min(TC_MAX_ROWS);
-        self
+    }
+
+    /// The GPU's context (shared by every engine on this GPU in the process).
+    pub(crate) fn context(&self) -> std::sync::Arc<cudarc::driver::CudaContext> {
+        self.dev.ctx.clone()
     }
 
     /// Bytes of one sequence's KV cache when it holds the whole context (caches grow in
@@ -1292,7 +1297,7 @@ fn cache_bytes_for(c: &Gpt2Config, p: Precision, positions: usize) -> u64 {
     (2 * c.n_layer * positions * c.n_embd * p.size()) as u64
 }
 
-impl Engine for CudaEngine {
+impl Engine for GpuEngine {
     fn config(&self) -> &Gpt2Config {
         &self.config
     }

@@ -24,7 +24,9 @@ mod engine;
 mod launch;
 mod lt;
 pub mod probe;
+mod shared_gpu;
 mod weights;
 
-pub use engine::{CudaEngine, MemoryNeeded};
+pub use engine::MemoryNeeded;
+pub use shared_gpu::CudaEngine;
 pub use weights::Precision;

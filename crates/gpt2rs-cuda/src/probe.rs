@@ -80,6 +80,9 @@ const GEMM_N: usize = 8192;
 
 /// Measures GPU `ordinal`'s ceilings (about a second on an H100-class GPU).
 pub fn measure(ordinal: usize) -> Result<Ceilings> {
+    // Not while another thread captures a graph on this GPU (see shared_gpu.rs).
+    let turn = crate::shared_gpu::gpu_turn(ordinal);
+    let _turn = turn.take();
     let dev = Device::open(ordinal)?;
     let (free, _) = dev.memory()?;
     // 2 GiB each way, far past any L2 cache; less on a GPU with little free memory.

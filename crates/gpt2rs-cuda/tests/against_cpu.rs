@@ -329,16 +329,14 @@ fn decode_batches_of_every_gemv_size_and_picks_made_on_the_gpu() {
 }
 
 #[test]
-#[ignore = "known issue, not fixed: two engines on one GPU in one process disturb each other's \
-            graph captures (docs/benchmarks.md, eighth session); run with --ignored"]
 fn decode_graphs_hold_while_another_engine_works_on_the_same_gpu() {
     // A second engine on the same GPU, opened, run and dropped over and over on another
     // thread (module loads, allocations, frees), while this one captures decode graphs of 1-9
-    // rows. On the H200 this fails within a second: a capture is invalidated
-    // (CUDA_ERROR_STREAM_CAPTURE_INVALIDATED), or the other engine's cuBLAS product fails
-    // with CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED. The suite's two test threads do the same by
-    // accident: most likely the intermittent failure of earlier sessions. It has not been
-    // seen with one engine per GPU (as `serve --devices` runs them).
+    // rows. Before engines took turns on a GPU (shared_gpu.rs) this failed within a second
+    // on the H200: a capture was invalidated (CUDA_ERROR_STREAM_CAPTURE_INVALIDATED), or the
+    // other engine's cuBLAS product failed with CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED; the
+    // suite's two test threads did the same by accident (the intermittent failure of the
+    // first eight sessions).
     let w = fixture_weights("odd-heads", DType::F32);
     let Some(mut g) = gpu(&w) else { return };
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
