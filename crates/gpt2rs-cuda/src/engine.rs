@@ -17,7 +17,10 @@ use crate::weights::{DeviceMatrix, DeviceModel, MatrixFormat, Precision};
 use cudarc::cublas::sys::{
     cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t,
 };
-use cudarc::driver::sys::{CUfunction_attribute, CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::sys::{
+    cuMemcpy2DAsync_v2, CUfunction_attribute, CUgraphInstantiate_flags, CUmemorytype,
+    CUstreamCaptureMode, CUDA_MEMCPY2D,
+};
 use cudarc::driver::{CudaFunction, CudaGraph, CudaSlice, DevicePtr, LaunchConfig};
 use gpt2rs::config::{Activation, Gpt2Config};
 use gpt2rs::engine::{BatchEntry, Engine, Logits, LogitsFor, PickRule, SeqId};
@@ -1171,7 +1174,7 @@ impl GpuEngine {
         let row = cfg.n_embd * self.precision.size();
         // A spare cache of this capacity, else a new one. Neither needs clearing: attention
         // reads only the positions a pass has written.
-        let mut cache = match self.spare.iter().position(|(c, _)| *c == cap) {
+        let cache = match self.spare.iter().position(|(c, _)| *c == cap) {
             Some(i) => self.spare.swap_remove(i).1,
             None => self
                 .dev
@@ -1180,16 +1183,37 @@ impl GpuEngine {
                 .map_err(device_err("allocating a KV cache"))?,
         };
         let s = &self.seqs[&seq];
-        if let Some(old) = &s.cache {
-            // Keys then values, each n_layer runs of `len` positions at the old stride.
-            for run in 0..2 * cfg.n_layer {
-                let (from, to) = (run * s.cap * row, run * cap * row);
-                let n = s.len * row;
-                self.dev
-                    .stream
-                    .memcpy_dtod(&old.slice(from..from + n), &mut cache.slice_mut(to..to + n))
-                    .map_err(device_err("growing a KV cache"))?;
-            }
+        if let (Some(old), true) = (&s.cache, s.len > 0) {
+            // Keys then values, each n_layer runs of `len` positions, from the old stride to
+            // the new one: one 2D copy (a copy per run costs ~4 µs of host time each, 3,072 of
+            // them when 32 gpt2-xl sequences grow in one step).
+            let stream = &self.dev.stream;
+            self.dev
+                .ctx
+                .bind_to_thread()
+                .map_err(device_err("growing a KV cache"))?;
+            let copy = CUDA_MEMCPY2D {
+                srcXInBytes: 0,
+                srcY: 0,
+                srcMemoryType: CUmemorytype::CU_MEMORYTYPE_DEVICE,
+                srcHost: std::ptr::null(),
+                srcDevice: old.device_ptr(stream).0,
+                srcArray: std::ptr::null_mut(),
+                srcPitch: s.cap * row,
+                dstXInBytes: 0,
+                dstY: 0,
+                dstMemoryType: CUmemorytype::CU_MEMORYTYPE_DEVICE,
+                dstHost: std::ptr::null_mut(),
+                dstDevice: cache.device_ptr(stream).0,
+                dstArray: std::ptr::null_mut(),
+                dstPitch: cap * row,
+                WidthInBytes: s.len * row,
+                Height: 2 * cfg.n_layer,
+            };
+            // SAFETY: both buffers hold 2 · n_layer runs at their pitch, and len ≤ both caps.
+            unsafe { cuMemcpy2DAsync_v2(&copy, stream.cu_stream()) }
+                .result()
+                .map_err(device_err("growing a KV cache"))?;
         }
         let s = self.seqs.get_mut(&seq).expect("checked");
         let old = s.cache.replace(cache);
