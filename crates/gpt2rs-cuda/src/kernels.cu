@@ -39,14 +39,14 @@ __device__ __forceinline__ unsigned long long pick_key(float v, int j) {
     return ((unsigned long long)u << 32) | (unsigned int)(~j);
 }
 
-// Uniform noise in (0, 1) for `token` under `seed`: splitmix64, 24 bits (gpt2rs::engine::
-// pick_noise does the same integer steps).
+// Uniform noise in (0, 1) for `token` under `seed`: splitmix64, 23 bits (gpt2rs::engine::
+// pick_noise does the same integer steps; with 24 the largest value rounded to 1.0).
 __device__ __forceinline__ float pick_noise(unsigned long long seed, int token) {
     unsigned long long z = seed + (unsigned long long)(token + 1) * 0x9E3779B97F4A7C15ull;
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
     z ^= z >> 31;
-    return ((float)(z >> 40) + 0.5f) * (1.f / 16777216.f);
+    return ((float)(z >> 41) + 0.5f) * (1.f / 8388608.f);
 }
 
 // What picked row b ranks token j by: its logit v (greedy, inv_t[b] = 0), or the Gumbel-max

@@ -62,32 +62,59 @@ impl PickRule {
             } => {
                 let inv = 1.0 / temperature;
                 let kept = Kept::find(row, inv, top_k, top_p);
-                let (mut best, mut best_score) = (0u32, f32::NEG_INFINITY);
-                for (j, &v) in row.iter().enumerate() {
-                    if !kept.keeps(v * inv, j) {
-                        continue;
+                // The first kept token of the largest score. The noise (two logarithms, most
+                // of the cost) is skipped where even the largest noise pick_noise can give
+                // could not reach the best score so far, and the largest scaled logit goes
+                // first so that bound bites early: the same token as scoring every one.
+                let reach = gumbel(NOISE_MAX) + 1.0;
+                let (mut best, mut best_score) = (u32::MAX, f32::NEG_INFINITY);
+                let mut consider = |j: usize, v: f32| {
+                    let scaled = v * inv;
+                    if scaled + reach < best_score || !kept.keeps(scaled, j) {
+                        return;
                     }
-                    let score = v * inv + gumbel(pick_noise(noise_seed, j as u32));
-                    if score > best_score {
+                    let score = scaled + gumbel(pick_noise(noise_seed, j as u32));
+                    if score > best_score || (score == best_score && (j as u32) < best) {
                         best_score = score;
                         best = j as u32;
                     }
+                };
+                let top = crate::generate::sampling::argmax(row) as usize;
+                if let Some(&v) = row.get(top) {
+                    consider(top, v);
                 }
-                best
+                for (j, &v) in row.iter().enumerate() {
+                    consider(j, v);
+                }
+                if best == u32::MAX {
+                    0
+                } else {
+                    best
+                }
             }
         }
     }
 }
 
-/// Uniform noise in (0, 1) for `token` under `seed`: splitmix64 of the pair, 24 bits (the same
-/// integer steps as `pick_noise` in the CUDA kernels).
+/// Uniform noise in (0, 1) for `token` under `seed`: splitmix64 of the pair, 23 bits (the same
+/// integer steps as `pick_noise` in the CUDA kernels). With 24 bits the largest value, 2^24 - 1
+/// plus the half, rounded to 1.0 in f32, whose Gumbel noise is infinite: about one sampled
+/// token in 330 was then a uniformly random one.
 pub fn pick_noise(seed: u64, token: u32) -> f32 {
     let mut z = seed.wrapping_add(u64::from(token + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^= z >> 31;
-    ((z >> 40) as f32 + 0.5) * (1.0 / 16_777_216.0)
+    noise_from_bits(z >> 41)
 }
+
+/// `bits` (below 2^23) + 1/2, over 2^23: strictly inside (0, 1), every step exact in f32.
+fn noise_from_bits(bits: u64) -> f32 {
+    (bits as f32 + 0.5) * (1.0 / 8_388_608.0)
+}
+
+/// The largest value [`pick_noise`] returns.
+const NOISE_MAX: f32 = 1.0 - 1.0 / 16_777_216.0;
 
 /// A standard Gumbel variate from uniform `u`.
 pub fn gumbel(u: f32) -> f32 {
@@ -277,6 +304,82 @@ mod tests {
         }
         order.sort();
         order
+    }
+
+    #[test]
+    fn noise_stays_inside_zero_and_one_so_its_gumbel_is_finite() {
+        let (low, high) = (noise_from_bits(0), noise_from_bits((1 << 23) - 1));
+        assert!(low > 0.0 && high < 1.0, "{low} {high}");
+        assert_eq!(high, NOISE_MAX);
+        assert!(gumbel(low).is_finite() && gumbel(high).is_finite());
+        // 24 bits would not: the largest rounds to 1.0, an infinite Gumbel noise.
+        assert_eq!((16_777_215u32 as f32 + 0.5) * (1.0 / 16_777_216.0), 1.0);
+    }
+
+    #[test]
+    fn draws_skipping_hopeless_tokens_equal_scoring_every_one() {
+        // Every kept token scored (what `apply` did before it skipped any).
+        let every = |row: &[f32], rule: PickRule| -> u32 {
+            let PickRule::Sample {
+                temperature,
+                noise_seed,
+                top_k,
+                top_p,
+            } = rule
+            else {
+                unreachable!()
+            };
+            let inv = 1.0 / temperature;
+            let kept = Kept::find(row, inv, top_k, top_p);
+            let (mut best, mut best_score) = (0u32, f32::NEG_INFINITY);
+            for (j, &v) in row.iter().enumerate() {
+                if kept.keeps(v * inv, j) {
+                    let score = v * inv + gumbel(pick_noise(noise_seed, j as u32));
+                    if score > best_score {
+                        best_score = score;
+                        best = j as u32;
+                    }
+                }
+            }
+            best
+        };
+        // Narrow rows (nothing can be skipped), wide ones like a trained model's (most can),
+        // coarse ones with ties, and rows with NaN and infinities.
+        for (case, &(n, spread)) in [(7usize, 0.5f32), (300, 2.0), (5000, 40.0), (50_257, 30.0)]
+            .iter()
+            .enumerate()
+        {
+            for seed in 0..6u64 {
+                let mut row: Vec<f32> = (0..n as u64)
+                    .map(|i| {
+                        let u = pick_noise(seed * 977 + case as u64, i as u32);
+                        ((u - 0.5) * spread * 4.0).round() * 0.25
+                    })
+                    .collect();
+                if seed == 4 {
+                    row[n / 2] = f32::NAN;
+                    row[n / 3] = f32::NEG_INFINITY;
+                }
+                if seed == 5 {
+                    row.iter_mut().for_each(|v| *v = f32::NEG_INFINITY);
+                }
+                for (t, top_k, top_p) in
+                    [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.3, 40, 0.9), (0.2, 0, 0.5)]
+                {
+                    let rule = PickRule::Sample {
+                        temperature: t,
+                        noise_seed: seed * 31 + 7,
+                        top_k,
+                        top_p,
+                    };
+                    assert_eq!(
+                        rule.apply(&row),
+                        every(&row, rule),
+                        "n {n}, spread {spread}, seed {seed}, {rule:?}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

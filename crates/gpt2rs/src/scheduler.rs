@@ -477,7 +477,7 @@ impl Scheduler {
     fn draw_decodes(&mut self, slots: &[Slot], logits: &crate::engine::Logits) -> Vec<Draw> {
         // Decode slots come first, in the order active requests and their live samples are
         // walked here.
-        let rows: Vec<Next<&[f32]>> = slots
+        let rules: Vec<(usize, Option<PickRule>)> = slots
             .iter()
             .enumerate()
             .filter_map(|(e, s)| match *s {
@@ -490,7 +490,12 @@ impl Scheduler {
                 }
                 Slot::Prefill { .. } => None,
             })
-            .map(|(e, rule)| match rule {
+            .collect();
+        // Picks the engine left to the host (a CPU engine's) read a whole vocabulary each:
+        // on all threads.
+        let rows: Vec<Next<&[f32]>> = rules
+            .par_iter()
+            .map(|&(e, rule)| match rule {
                 Some(rule) => Next::Picked(logits.pick(e, rule).expect("asked for a pick")),
                 None => Next::Row(logits.last(e).expect("asked for the last row")),
             })

@@ -190,13 +190,33 @@ fn draw(probs: &[f32], candidates: impl Iterator<Item = u32> + Clone, u: f64) ->
 
 /// Index of the largest value (the first one on ties, as torch.argmax).
 pub fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
+    // What a scan keeping the first strictly larger value gives (NaN never wins, and a NaN at
+    // 0 keeps 0), in two passes the compiler vectorizes: the largest value by lanes, then the
+    // first position holding it. (The scan was ~1 ns a token: 1.2 ms a step for 32 rows.)
+    const LANES: usize = 16;
+    if v.first().is_none_or(|x| x.is_nan()) {
+        return 0;
+    }
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let chunks = v.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (m, &x) in lanes.iter_mut().zip(c) {
+            *m = if x > *m { x } else { *m };
         }
     }
-    best as u32
+    let top = lanes
+        .iter()
+        .chain(tail)
+        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+    let first = v
+        .chunks(LANES)
+        .position(|c| c.contains(&top))
+        .map_or(0, |c| {
+            let at = v[c * LANES..].iter().position(|&x| x == top);
+            c * LANES + at.expect("the chunk holds it")
+        });
+    first as u32
 }
 
 #[cfg(test)]
@@ -211,6 +231,44 @@ mod tests {
             counts[pick(logits, &[], params, &mut rng, &mut scratch) as usize] += 1;
         }
         counts
+    }
+
+    #[test]
+    fn argmax_equals_a_scan_for_the_first_strictly_larger() {
+        let scan = |v: &[f32]| {
+            let mut best = 0;
+            for (i, &x) in v.iter().enumerate() {
+                if x > v[best] {
+                    best = i;
+                }
+            }
+            best as u32
+        };
+        let mut draws = 0u32;
+        let mut next = || {
+            draws += 1;
+            crate::pick::pick_noise(3, draws)
+        };
+        for n in [1usize, 2, 15, 16, 17, 33, 50_257] {
+            for case in 0..12 {
+                // Coarse values (many ties), with NaN and infinities sprinkled in some cases.
+                let mut v: Vec<f32> = (0..n).map(|_| (next() * 8.0).floor()).collect();
+                if case % 3 == 1 {
+                    for _ in 0..n.div_ceil(5) {
+                        let i = (next() * n as f32) as usize % n;
+                        v[i] = [f32::NAN, f32::NEG_INFINITY, f32::INFINITY][case % 4 % 3];
+                    }
+                }
+                if case == 11 {
+                    v.iter_mut().for_each(|x| *x = f32::NEG_INFINITY);
+                }
+                if case == 8 {
+                    v[0] = f32::NAN;
+                }
+                assert_eq!(argmax(&v), scan(&v), "n {n}, case {case}");
+            }
+        }
+        assert_eq!(argmax(&[]), 0);
     }
 
     #[test]
