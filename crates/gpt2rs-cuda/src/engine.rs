@@ -463,10 +463,9 @@ impl GpuEngine {
         cache_bytes(&self.config, self.precision)
     }
 
-    /// The GPU memory an engine for `config` in `dtype` takes to run `sequences` sequences
-    /// in passes of up to `rows` rows (tokens), before it is opened; an error when the
-    /// backend does not run `dtype`. Mirrors what [`Self::new`], `prepare` and `forward`
-    /// allocate, so bench can skip what does not fit instead of failing midway.
+    /// What [`crate::CudaEngine::memory_needed`] answers: mirrors what [`Self::new`],
+    /// `prepare` and `forward` allocate, so bench can skip what does not fit instead of
+    /// failing midway.
     pub fn memory_needed(
         config: &Gpt2Config,
         dtype: DType,

@@ -1,11 +1,12 @@
 //! [`CudaEngine`]: the engine of engine.rs, taking turns with the other engines (and
 //! [`crate::probe`]) that use the same GPU in this process.
 //!
-//! Engines on one GPU share its primary CUDA context. Some calls an engine makes — opening
-//! the context and loading modules, cuBLAS's first products, freeing memory, unloading —
-//! act on the whole context, and made while another thread captures a CUDA graph they
-//! invalidate that capture (CUDA_ERROR_STREAM_CAPTURE_INVALIDATED) and fail themselves
-//! (CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED). Capture mode THREAD_LOCAL does not cover them.
+//! Engines on one GPU share its primary CUDA context. With two engines working at once, one
+//! capturing a CUDA graph, the capture was invalidated (CUDA_ERROR_STREAM_CAPTURE_INVALIDATED)
+//! and the other's cuBLAS products failed (CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED), although
+//! captures are THREAD_LOCAL: some of an engine's calls act on the whole context (opening it,
+//! loading and unloading modules and freeing memory are the likely ones; which exactly was
+//! not isolated).
 //! So every call that touches the GPU holds the GPU's turn, including opening and dropping
 //! the engine (a drop also waits for the frees it enqueued). One engine per GPU (bench,
 //! serve, `--devices`) never waits; engines on different GPUs never wait for each other.
