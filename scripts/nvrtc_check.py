@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Compiles crates/gpt2rs-cuda/src/kernels.cu with NVRTC, as the engine does at run time, on a
+"""Compiles crates/gpt2rs-cuda/src/kernels.cu and decode_step.cu with NVRTC, as the engine does at run time, on a
 machine without a GPU: catches compile errors before a device call.
 
     pip install nvidia-cuda-nvrtc        # NVRTC's libraries, no GPU or driver needed
@@ -13,7 +13,11 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCE = os.path.join(HERE, "..", "crates", "gpt2rs-cuda", "src", "kernels.cu")
+# The engine compiles these as one source, in this order (device.rs's KERNELS).
+SOURCES = [
+    os.path.join(HERE, "..", "crates", "gpt2rs-cuda", "src", name)
+    for name in ("kernels.cu", "decode_step.cu")
+]
 
 
 def find_nvrtc():
@@ -44,7 +48,7 @@ def compile_for(lib, src, arch):
 
 def main(archs):
     lib = ctypes.CDLL(find_nvrtc())
-    src = open(SOURCE, "rb").read()
+    src = b"".join(open(path, "rb").read() for path in SOURCES)
     failed = False
     for arch in archs or ["compute_90", "compute_80"]:
         ok, log = compile_for(lib, src, arch)

@@ -8,7 +8,7 @@ use gpt2rs::{Error, Result};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-const KERNELS: &str = include_str!("kernels.cu");
+const KERNELS: &str = concat!(include_str!("kernels.cu"), include_str!("decode_step.cu"));
 /// Bytes of cuBLAS workspace (NVIDIA suggests 32 MiB on Hopper).
 pub(crate) const CUBLAS_WORKSPACE: usize = 32 << 20;
 

@@ -10,6 +10,7 @@
 //! (lt.rs), the others as an elementwise kernel. Prompt chunks' attention runs on the tensor
 //! cores (kernels.cu's attention_mma) where the activations are f16 / bf16.
 
+use crate::decode_step::{attention_scale, DecodeStep, StepBuffers};
 use crate::device::{device_err, Device, CUBLAS_WORKSPACE};
 use crate::launch::{launch, Arg};
 use crate::lt::{Fused, Lt, Operands};
@@ -387,6 +388,11 @@ pub(crate) struct GpuEngine {
     spare: Vec<(usize, CudaSlice<u8>)>,
     /// Page-locked host memory the logits come back through, grown as needed.
     pinned: Option<cudarc::driver::PinnedHostSlice<u8>>,
+    /// One-row passes through every layer in one persistent kernel, where it applies.
+    step: Option<DecodeStep>,
+    /// Whether one-row passes use `step`: off unless GPT2RS_CUDA_STEP=1 or a test asks, as it
+    /// is slower than the kernel-by-kernel path so far (docs/benchmarks.md, tenth session).
+    use_step: bool,
 }
 
 impl GpuEngine {
@@ -418,6 +424,7 @@ impl GpuEngine {
             && std::env::var("GPT2RS_CUDA_LT").map_or(true, |v| v != "0"))
         .then(|| Lt::new(dev.workspace()))
         .transpose()?;
+        let step = DecodeStep::new(&dev, &w, &weights.config, precision)?;
         let use_attention_mma = kernels.attention_mma.is_some()
             && weights.config.head_dim() == ATTENTION_MMA_HEAD
             && std::env::var("GPT2RS_CUDA_ATTENTION_MMA").map_or(true, |v| v != "0");
@@ -442,6 +449,8 @@ impl GpuEngine {
             lt,
             spare: Vec::new(),
             pinned: None,
+            step,
+            use_step: std::env::var("GPT2RS_CUDA_STEP").is_ok_and(|v| v == "1"),
         })
     }
 
@@ -450,6 +459,20 @@ impl GpuEngine {
     /// GPT2RS_CUDA_TC_ROWS; for tests and comparisons.
     pub fn set_tensor_core_rows(&mut self, rows: std::ops::RangeInclusive<usize>) {
         self.tc_rows = (*rows.start()).max(1)..=(*rows.end()).min(TC_MAX_ROWS);
+    }
+
+    /// Whether one-row passes run every layer in one persistent kernel (decode_step.cu)
+    /// where the model and GPU allow it, or kernel by kernel (the default).
+    pub fn set_decode_step(&mut self, on: bool) {
+        self.use_step = on;
+    }
+
+    /// Whether one-row passes run in the persistent kernel.
+    pub fn decode_step_slots(&self) -> Option<usize> {
+        self.step
+            .as_ref()
+            .filter(|_| self.use_step)
+            .map(DecodeStep::slots)
     }
 
     /// The GPU's context (shared by every engine on this GPU in the process).
@@ -818,20 +841,29 @@ impl GpuEngine {
             Activation::GeluErf => 1,
             Activation::Relu => 2,
         };
-        for (l, lw) in w.layers.iter().enumerate() {
-            let mut scale = if cfg.scale_attn_weights {
-                1.0 / (cfg.head_dim() as f32).sqrt()
-            } else {
-                1.0
+        let step = self.step.as_ref().filter(|_| rows == 1 && self.use_step);
+        if let Some(step) = step {
+            let buffers = StepBuffers {
+                x,
+                q,
+                m,
+                caches: p.caches,
+                pos: p.pos,
+                caps: p.caps,
             };
-            if cfg.scale_attn_by_inverse_layer_idx {
-                scale /= (l + 1) as f32;
-            }
+            step.launch(dev, self.use_pdl, &buffers)?;
+        }
+        let layers = if step.is_some() {
+            &w.layers[..0]
+        } else {
+            &w.layers[..]
+        };
+        for (l, lw) in layers.iter().enumerate() {
             let qkv = Epilogue::Qkv {
                 bias: lw.qkv.b.ptr(dev),
                 q,
                 layer: l as i32,
-                scale,
+                scale: attention_scale(cfg, l),
             };
             self.layernorm(p, &lw.ln_1, rows, 0)?;
             self.gemm(p, p.h, rows, &lw.qkv.w, qkv)?;

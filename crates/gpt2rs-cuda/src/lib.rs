@@ -14,11 +14,15 @@
 //! ends, split along long caches (flash-decoding);
 //! prompt chunks' attention on the tensor cores (f16 / bf16); longer passes' residual and MLP
 //! products with cuBLASLt's fused epilogues; f16 / bf16 products of 6 to 8 rows on the tensor
-//! cores (its kernels take up to 64, but above 8 cuBLAS is faster at gpt2-xl's width). Not
-//! yet: a persistent decode kernel (the batch-1 speed targets), a skinny tensor-core product
-//! that beats cuBLAS from 9 to 64 rows (batch-32 target); see docs/benchmarks.md. [`probe`] measures a GPU's ceilings for
+//! cores (its kernels take up to 64, but above 8 cuBLAS is faster at gpt2-xl's width). A
+//! persistent kernel for batch-1 decode (decode_step.cu: every layer in one launch, weights
+//! streamed by bulk copies) is correct but slower than the kernel-by-kernel path so far, so it
+//! runs only when asked (GPT2RS_CUDA_STEP=1). Not yet: batch-1 decode at the speed
+//! targets, a skinny tensor-core product that beats cuBLAS from 9 to 64 rows (batch-32
+//! target); see docs/benchmarks.md. [`probe`] measures a GPU's ceilings for
 //! `gpt2rs bench`.
 
+mod decode_step;
 mod device;
 mod engine;
 mod launch;

@@ -106,6 +106,20 @@ impl CudaEngine {
         self
     }
 
+    /// Runs one-row passes (batch-1 decode) in the persistent kernel (decode_step.cu) where
+    /// the model and GPU allow it when `on`, kernel by kernel (the default) when not; for
+    /// tests and comparisons (GPT2RS_CUDA_STEP=1 turns it on for a whole process).
+    pub fn with_decode_step(mut self, on: bool) -> Self {
+        self.engine.set_decode_step(on);
+        self
+    }
+
+    /// Whether one-row passes run in the persistent kernel, and with how many 16 KB slots of
+    /// weights in flight per multiprocessor.
+    pub fn decode_step_slots(&self) -> Option<usize> {
+        self.engine.decode_step_slots()
+    }
+
     /// Bytes of one sequence's KV cache when it holds the whole context (caches grow in
     /// blocks of 64 positions up to this).
     pub fn cache_bytes_per_sequence(&self) -> u64 {

@@ -720,3 +720,82 @@ fn decode_over_long_caches_splits_like_the_cpu() {
         }
     }
 }
+
+#[test]
+fn batch_1_decode_in_one_persistent_kernel_matches_the_cpu() {
+    // decode_step.cu runs every layer of a one-row pass in one kernel (sm_90 on). At gpt2's
+    // and gpt2-xl's widths (25 heads), in every format it takes: a 37-token prompt, then 100
+    // one-token steps (the cache crosses 64 and 128 positions, so attention's chunks change),
+    // every fourth one for a 900-token sequence instead (attention in wide chunks; each step
+    // a new cache pointer). Each step against the CPU engine in f32 (on the dequantized values
+    // for int8 / int4) and against the same GPU running the pass kernel by kernel.
+    for preset in ["gpt2", "gpt2-xl"] {
+        let mut config = Gpt2Config::preset(preset).unwrap();
+        config.n_layer = 3;
+        let vocab = config.vocab_size;
+        for (dtype, bound) in [
+            (DType::F16, 5e-3),
+            (DType::Bf16, 4e-2),
+            (DType::Int8, 5e-3),
+            (DType::Int4, 5e-3),
+        ] {
+            let w = ModelWeights::synthetic_as(&config, 13, WeightFormat::new(dtype));
+            let Some(g) = gpu(&w) else { return };
+            let g = g.with_decode_step(true);
+            if g.decode_step_slots().is_none() {
+                eprintln!("skipped: this GPU runs one-row passes kernel by kernel (sm_90 needed)");
+                return;
+            }
+            let plain = gpu(&w).unwrap().with_decode_step(false);
+            let c = CpuEngine::new(if matches!(dtype, DType::Int8 | DType::Int4) {
+                dequantized(&w)
+            } else {
+                ModelWeights::synthetic(&config, 13)
+            });
+            drop(w);
+            let slots = g.decode_step_slots();
+            let mut engines: [Box<dyn Engine>; 3] = [Box::new(c), Box::new(g), Box::new(plain)];
+            let seqs: Vec<[gpt2rs::engine::SeqId; 3]> = (0..2)
+                .map(|_| [0, 1, 2].map(|e| engines[e].add_sequence()))
+                .collect();
+            // Last-position logits of `ids` fed to sequence i on each engine.
+            let mut run = |i: usize, ids: &[u32]| -> Vec<Vec<f32>> {
+                (0..3)
+                    .map(|e| {
+                        let batch = [BatchEntry {
+                            seq: seqs[i][e],
+                            tokens: ids,
+                            logits: LogitsFor::Last,
+                        }];
+                        let l = engines[e].forward(&batch).unwrap();
+                        let row = l.entry(0).next().unwrap().to_vec();
+                        row
+                    })
+                    .collect()
+            };
+            let (mut vs_cpu, mut vs_plain) = (0f64, 0f64);
+            let mut check = |l: Vec<Vec<f32>>| {
+                vs_cpu = vs_cpu.max(relative_error(&l[0], &l[1]));
+                vs_plain = vs_plain.max(relative_error(&l[2], &l[1]));
+            };
+            check(run(0, &tokens(37, vocab, 1)));
+            check(run(1, &tokens(900, vocab, 2)));
+            for step in 0..100u64 {
+                check(run(
+                    usize::from(step % 4 == 3),
+                    &tokens(1, vocab, 100 + step),
+                ));
+            }
+            assert_eq!(engines[1].sequence_len(seqs[0][1]), Some(37 + 75));
+            eprintln!(
+                "{preset} (3 layers) {dtype}, one-row passes in decode_step ({slots:?} slots): \
+                 worst relative error vs the CPU {vs_cpu:.2e}, vs kernel by kernel {vs_plain:.2e}"
+            );
+            assert!(vs_cpu < bound, "{preset} {dtype}: vs the CPU {vs_cpu:e}");
+            assert!(
+                vs_plain < bound,
+                "{preset} {dtype}: vs kernel by kernel {vs_plain:e}"
+            );
+        }
+    }
+}
