@@ -390,10 +390,7 @@ __device__ void step_attention(const float* q, const typename S::T* keys,
                 for (int u = 0; u < 4; u++) {
                     int s = s0 + u * pgroups;
                     if (s >= len) break;
-                    const T* vt = (const T*)&vv[u];
-                    float p = sc[s];
-#pragma unroll
-                    for (int e = 0; e < V; e++) acc[e] += p * S::load(vt[e]);
+                    add_weighted_piece<S, V>(acc, vv[u], sc[s]);
                 }
             }
 #pragma unroll

@@ -2,11 +2,12 @@
 //! whether this model and GPU can run it, its layer table, scratch and launch.
 
 use crate::device::{device_err, Device};
+use crate::engine::activation_code;
 use crate::launch::{launch, Arg};
 use crate::weights::{DeviceModel, MatrixFormat, Precision};
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig};
-use gpt2rs::config::{Activation, Gpt2Config};
+use gpt2rs::config::Gpt2Config;
 use gpt2rs::Result;
 
 /// decode_step.cu's STEP_THREADS, STEP_SLOT_BYTES, STEP_MAX_SLOTS, STEP_HELD and STEP_SUMS.
@@ -138,7 +139,7 @@ impl DecodeStep {
                 lw.ln_2.beta.ptr(dev),
             ]);
             // The float in the low half, a zero int after it.
-            table.push(u64::from(attention_scale(config, l).to_bits()));
+            table.push(u64::from(config.attention_scale(l).to_bits()));
         }
         table
     }
@@ -151,11 +152,7 @@ impl DecodeStep {
     /// Enqueues every layer of a one-row pass (x embedded before, the final norm after).
     pub fn launch(&self, dev: &Device, pdl: bool, b: &StepBuffers) -> Result<()> {
         let cfg = &self.config;
-        let act = match cfg.activation {
-            Activation::GeluTanh => 0,
-            Activation::GeluErf => 1,
-            Activation::Relu => 2,
-        };
+        let act = activation_code(cfg.activation);
         let launch_cfg = LaunchConfig {
             grid_dim: (self.blocks, 1, 1),
             block_dim: (THREADS, 1, 1),
@@ -183,17 +180,4 @@ impl DecodeStep {
         ];
         launch(dev, pdl, &self.function, launch_cfg, &args)
     }
-}
-
-/// What layer `l` multiplies its attention scores by (q is scaled in the QKV epilogue).
-pub(crate) fn attention_scale(cfg: &Gpt2Config, l: usize) -> f32 {
-    let mut scale = if cfg.scale_attn_weights {
-        1.0 / (cfg.head_dim() as f32).sqrt()
-    } else {
-        1.0
-    };
-    if cfg.scale_attn_by_inverse_layer_idx {
-        scale /= (l + 1) as f32;
-    }
-    scale
 }

@@ -10,7 +10,7 @@
 //! (lt.rs), the others as an elementwise kernel. Prompt chunks' attention runs on the tensor
 //! cores (kernels.cu's attention_mma) where the activations are f16 / bf16.
 
-use crate::decode_step::{attention_scale, DecodeStep, StepBuffers};
+use crate::decode_step::{DecodeStep, StepBuffers};
 use crate::device::{device_err, Device, CUBLAS_WORKSPACE};
 use crate::launch::{launch, Arg};
 use crate::lt::{Fused, Lt, Operands};
@@ -836,11 +836,7 @@ impl GpuEngine {
                 Arg::Int(cleared as i32),
             ],
         )?;
-        let act = match cfg.activation {
-            Activation::GeluTanh => 0,
-            Activation::GeluErf => 1,
-            Activation::Relu => 2,
-        };
+        let act = activation_code(cfg.activation);
         let step = self.step.as_ref().filter(|_| rows == 1 && self.use_step);
         if let Some(step) = step {
             let buffers = StepBuffers {
@@ -863,7 +859,7 @@ impl GpuEngine {
                 bias: lw.qkv.b.ptr(dev),
                 q,
                 layer: l as i32,
-                scale: attention_scale(cfg, l),
+                scale: cfg.attention_scale(l),
             };
             self.layernorm(p, &lw.ln_1, rows, 0)?;
             self.gemm(p, p.h, rows, &lw.qkv.w, qkv)?;
@@ -1751,6 +1747,15 @@ impl Engine for GpuEngine {
 
 /// Floats between the starts of two logits rows on the GPU: the vocabulary padded to 32 bytes,
 /// so cuBLAS's LM head has aligned rows to write (kernels.cu's logits_stride is the same).
+/// kernels.cu's number for an activation (its `activate`).
+pub(crate) fn activation_code(a: Activation) -> i32 {
+    match a {
+        Activation::GeluTanh => 0,
+        Activation::GeluErf => 1,
+        Activation::Relu => 2,
+    }
+}
+
 fn logits_stride(vocab: usize) -> usize {
     vocab.next_multiple_of(8)
 }

@@ -90,6 +90,14 @@ struct BF16 {
     }
 };
 
+// acc[e] += p · v[e] for the V values of one 16-byte piece of a value row (softmax-weighted sums).
+template <class S, int V>
+__device__ __forceinline__ void add_weighted_piece(float* acc, uint4 piece, float p) {
+    const typename S::T* vt = (const typename S::T*)&piece;
+#pragma unroll
+    for (int e = 0; e < V; e++) acc[e] += p * S::load(vt[e]);
+}
+
 // How a weight matrix is stored (the W of the product kernels), as rows of 16-byte pieces:
 //   WFloat<S>  S::T elements, row-major [n, k] (16 / sizeof(T) a piece);
 //   Q8         int8 in groups of 32 along k, one f16 scale per group (half a group a piece);
@@ -669,11 +677,8 @@ __device__ void attention_split(const float* q, const unsigned long long* caches
         if (vec) {
 #pragma unroll 4
             for (int s = lo + pg; s < hi; s += pgroups) {
-                uint4 vv = *(const uint4*)(values + (size_t)s * c + col);
-                const T* vt = (const T*)&vv;
-                float p = sc[s - lo];
-#pragma unroll
-                for (int e = 0; e < V; e++) acc[e] += p * S::load(vt[e]);
+                add_weighted_piece<S, V>(acc, *(const uint4*)(values + (size_t)s * c + col),
+                                         sc[s - lo]);
             }
 #pragma unroll
             for (int e = 0; e < V; e++) sums[pg * d + col + e] = acc[e];
@@ -808,11 +813,7 @@ __device__ void attention_decode(const float* q, const unsigned long long* cache
     if (pg < pgroups) {
         float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};  // V ≤ 8
         for (int s = pg; s < len; s += pgroups) {
-            uint4 vv = vs[s * rs + col];
-            const T* vt = (const T*)&vv;
-            float p = sc[s];
-#pragma unroll
-            for (int e = 0; e < V; e++) acc[e] += p * S::load(vt[e]);
+            add_weighted_piece<S, V>(acc, vs[s * rs + col], sc[s]);
         }
 #pragma unroll
         for (int e = 0; e < V; e++) sums[pg * d + col * V + e] = acc[e];

@@ -211,6 +211,19 @@ impl Gpt2Config {
         self.n_embd / self.n_head
     }
 
+    /// What layer `layer` (0-based) multiplies its attention scores q·k by.
+    pub fn attention_scale(&self, layer: usize) -> f32 {
+        let mut scale = if self.scale_attn_weights {
+            1.0 / (self.head_dim() as f32).sqrt()
+        } else {
+            1.0
+        };
+        if self.scale_attn_by_inverse_layer_idx {
+            scale /= (layer + 1) as f32;
+        }
+        scale
+    }
+
     /// Number of parameters (the tied LM head counted once, like transformers' `num_parameters()`).
     pub fn param_count(&self) -> u64 {
         let (c, i, v, p) = (

@@ -183,14 +183,7 @@ impl CpuEngine {
                     pos,
                 })
                 .collect();
-            let mut scale = if cfg.scale_attn_weights {
-                1.0 / (cfg.head_dim() as f32).sqrt()
-            } else {
-                1.0
-            };
-            if cfg.scale_attn_by_inverse_layer_idx {
-                scale /= (l + 1) as f32;
-            }
+            let scale = cfg.attention_scale(l);
             attention::attend(&qkv, &places, l, cfg.n_head, scale, &mut attn);
 
             linear(&attn, rows, &lw.attn_out, &mut proj);
