@@ -1745,8 +1745,6 @@ impl Engine for GpuEngine {
     }
 }
 
-/// Floats between the starts of two logits rows on the GPU: the vocabulary padded to 32 bytes,
-/// so cuBLAS's LM head has aligned rows to write (kernels.cu's logits_stride is the same).
 /// kernels.cu's number for an activation (its `activate`).
 pub(crate) fn activation_code(a: Activation) -> i32 {
     match a {
@@ -1756,6 +1754,8 @@ pub(crate) fn activation_code(a: Activation) -> i32 {
     }
 }
 
+/// Floats between the starts of two logits rows on the GPU: the vocabulary padded to 32 bytes,
+/// so cuBLAS's LM head has aligned rows to write (kernels.cu's logits_stride is the same).
 fn logits_stride(vocab: usize) -> usize {
     vocab.next_multiple_of(8)
 }
