@@ -93,9 +93,12 @@ enum Epilogue {
     /// `x += v + bias` in f32: a projection back into the residual stream.
     Residual { bias: u64, x: u64 },
     /// The QKV projection plus bias: q (× scale, f32) into `q`, keys and values into each
-    /// row's cache at its position in layer `layer`.
+    /// row's cache at its position in layer `layer`. For cuBLASLt (prompts of one sequence):
+    /// `q_bias`, q's bias × scale, and `half_bias`, the bias in the model's precision (or 0).
     Qkv {
         bias: u64,
+        q_bias: u64,
+        half_bias: u64,
         q: u64,
         layer: i32,
         scale: f32,
@@ -120,6 +123,7 @@ impl Epilogue {
                 q,
                 layer,
                 scale,
+                ..
             } => (3, q, bias, 0, 0, layer, scale, none),
         };
         [
@@ -193,6 +197,9 @@ struct Pass {
     dequantized: u64,
     m: u64,
     logits: u64,
+    /// Where a pass of one sequence writes its keys and values: that sequence's cache
+    /// (address, capacity) and its first row's position; `None` for passes of several.
+    one_sequence: Option<(u64, usize, usize)>,
 }
 
 /// The kernels that read a matrix of one format.
@@ -393,6 +400,11 @@ pub(crate) struct GpuEngine {
     /// Whether one-row passes use `step`: off unless GPT2RS_CUDA_STEP=1 or a test asks, as it
     /// is slower than the kernel-by-kernel path so far (docs/benchmarks.md, tenth session).
     use_step: bool,
+    /// Whether prompts of one sequence write their keys and values straight into the cache
+    /// (GPT2RS_CUDA_QKV_CACHE=0 keeps the f32 product and epilogue kernel, for comparisons).
+    use_qkv_into_cache: bool,
+    /// QKV products that wrote straight into a cache through cuBLASLt (for tests).
+    qkv_into_cache: std::cell::Cell<u64>,
 }
 
 impl GpuEngine {
@@ -451,7 +463,15 @@ impl GpuEngine {
             pinned: None,
             step,
             use_step: std::env::var("GPT2RS_CUDA_STEP").is_ok_and(|v| v == "1"),
+            use_qkv_into_cache: std::env::var("GPT2RS_CUDA_QKV_CACHE").map_or(true, |v| v != "0"),
+            qkv_into_cache: std::cell::Cell::new(0),
         })
+    }
+
+    /// How many QKV products of prompts went straight into their caches (cuBLASLt's path;
+    /// the others ran plain cuBLAS and an elementwise epilogue).
+    pub fn qkv_products_into_cache(&self) -> u64 {
+        self.qkv_into_cache.get()
     }
 
     /// Runs the products of passes of `rows` rows on the tensor cores (kernels.cu's gemv_tc,
@@ -596,7 +616,7 @@ impl GpuEngine {
         } else {
             data
         };
-        if self.fused_product(x, rows, w, w_ptr, epi)? {
+        if self.fused_product(p, x, rows, w, w_ptr, epi)? {
             return Ok(());
         }
         let (out, ldc) = match epi {
@@ -682,6 +702,7 @@ impl GpuEngine {
     /// no algorithm for it, or for other epilogues.
     fn fused_product(
         &self,
+        p: &Pass,
         x: u64,
         rows: usize,
         w: &DeviceMatrix,
@@ -691,6 +712,28 @@ impl GpuEngine {
         let Some(lt) = &self.lt else {
             return Ok(false);
         };
+        let half = self.precision == Precision::F16;
+        let stream = self.dev.stream.cu_stream() as _;
+        if let Epilogue::Qkv {
+            bias,
+            q_bias,
+            half_bias,
+            q,
+            layer,
+            scale,
+        } = epi
+        {
+            return self.qkv_into_cache(
+                p,
+                x,
+                rows,
+                w,
+                w_ptr,
+                (bias, q_bias, half_bias, q),
+                layer,
+                scale,
+            );
+        }
         let (fused, bias, half_bias, out) = match epi {
             Epilogue::Residual { bias, x } => (Fused::Residual, bias, 0, x),
             Epilogue::Act {
@@ -711,10 +754,73 @@ impl GpuEngine {
             bias,
             half_bias,
             out,
+            alpha: 1.0,
+            batch_stride: 0,
         };
+        lt.run(stream, fused, rows, w.rows, w.cols, half, &ops)
+    }
+
+    /// A prompt's QKV product of one sequence in two cuBLASLt calls, with no f32 product in
+    /// between: the queries (× scale) into q, the keys and values (one batch of two) into
+    /// the rows' places in the cache. `Ok(false)` when the pass has several sequences or
+    /// cuBLASLt has no algorithm for a part (then nothing was enqueued but, at worst, the
+    /// keys and values, which the unfused path writes again).
+    #[allow(clippy::too_many_arguments)]
+    fn qkv_into_cache(
+        &self,
+        p: &Pass,
+        x: u64,
+        rows: usize,
+        w: &DeviceMatrix,
+        w_ptr: u64,
+        (bias, q_bias, half_bias, q): (u64, u64, u64, u64),
+        layer: i32,
+        scale: f32,
+    ) -> Result<bool> {
+        let (Some(lt), Some((cache, cap, first))) = (&self.lt, p.one_sequence) else {
+            return Ok(false);
+        };
+        if !self.use_qkv_into_cache {
+            return Ok(false);
+        }
+        let cfg = &self.config;
+        let (c, k) = (cfg.n_embd, w.cols);
+        let es = self.precision.size();
         let half = self.precision == Precision::F16;
         let stream = self.dev.stream.cu_stream() as _;
-        lt.run(stream, fused, rows, w.rows, w.cols, half, &ops)
+        // kernels.cu's cache layout: a layer's keys at (layer · cap + position) · c, its
+        // values n_layer · cap · c elements after them.
+        let keys = cache + ((layer as usize * cap + first) * c * es) as u64;
+        let kv = Operands {
+            x,
+            w: w_ptr + (c * k * es) as u64,
+            bias: bias + (c * 4) as u64,
+            half_bias: if half_bias == 0 {
+                0
+            } else {
+                half_bias + (c * es) as u64
+            },
+            out: keys,
+            alpha: 1.0,
+            batch_stride: (cfg.n_layer * cap * c) as u64,
+        };
+        if !lt.run(stream, Fused::KeyValue, rows, c, k, half, &kv)? {
+            return Ok(false);
+        }
+        let queries = Operands {
+            x,
+            w: w_ptr,
+            bias: q_bias,
+            half_bias: 0,
+            out: q,
+            alpha: scale,
+            batch_stride: 0,
+        };
+        if !lt.run(stream, Fused::Query, rows, c, k, half, &queries)? {
+            return Ok(false);
+        }
+        self.qkv_into_cache.set(self.qkv_into_cache.get() + 1);
+        Ok(true)
     }
 
     /// cuBLASLt's plans for every pass length from GEMV_MAX_ROWS + 1 to `longest` rows, so a
@@ -733,13 +839,16 @@ impl GpuEngine {
         };
         let half = self.precision == Precision::F16;
         for rows in GEMV_MAX_ROWS + 1..=longest {
-            for (fused, m) in [
-                (Some(Fused::Residual), &l.attn_out.w),
-                (act, &l.mlp_in.w),
-                (Some(Fused::Residual), &l.mlp_out.w),
+            let (c, k) = (self.config.n_embd, l.qkv.w.cols);
+            for (fused, n, k) in [
+                (Some(Fused::Residual), l.attn_out.w.rows, l.attn_out.w.cols),
+                (act, l.mlp_in.w.rows, l.mlp_in.w.cols),
+                (Some(Fused::Residual), l.mlp_out.w.rows, l.mlp_out.w.cols),
+                (Some(Fused::KeyValue), c, k),
+                (Some(Fused::Query), c, k),
             ] {
                 if let Some(f) = fused {
-                    lt.prepare(f, rows, m.rows, m.cols, half)?;
+                    lt.prepare(f, rows, n, k, half)?;
                 }
             }
         }
@@ -857,6 +966,8 @@ impl GpuEngine {
         for (l, lw) in layers.iter().enumerate() {
             let qkv = Epilogue::Qkv {
                 bias: lw.qkv.b.ptr(dev),
+                q_bias: lw.q_bias_scaled.ptr(dev),
+                half_bias: lw.qkv_half_bias.as_ref().map_or(0, |b| b.ptr(dev)),
                 q,
                 layer: l as i32,
                 scale: cfg.attention_scale(l),
@@ -1619,6 +1730,15 @@ impl Engine for GpuEngine {
             }
         }
         let meta = self.upload("meta", &packed)?;
+        let mut with_rows = batch.iter().filter(|e| !e.tokens.is_empty());
+        let one_sequence = match (with_rows.next(), with_rows.next()) {
+            (Some(e), None) => {
+                let s = &self.seqs[&e.seq];
+                let cache = s.cache.as_ref().map(|b| b.device_ptr(&self.dev.stream).0);
+                cache.map(|cache| (cache, s.cap, s.len))
+            }
+            _ => None,
+        };
         let p = Pass {
             rows,
             wanted: wanted.len(),
@@ -1661,6 +1781,7 @@ impl Engine for GpuEngine {
             },
             m: self.scratch("m", cap * inner * es)?,
             logits: self.scratch("logits", wcap * logits_stride(v) * 4)?,
+            one_sequence,
         };
         // Decode steps (one token per sequence) replay a CUDA graph of the whole pass, captured
         // the first time this batch shape is seen: one launch instead of ~10 per layer.

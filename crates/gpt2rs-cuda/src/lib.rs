@@ -13,7 +13,8 @@
 //! temperature, top-k, top-p); decode attention that reads the cache before the QKV product
 //! ends, split along long caches (flash-decoding);
 //! prompt chunks' attention on the tensor cores (f16 / bf16); longer passes' residual and MLP
-//! products with cuBLASLt's fused epilogues; f16 / bf16 products of 6 to 8 rows on the tensor
+//! products with cuBLASLt's fused epilogues, and a single prompt's queries, keys and values
+//! written by cuBLASLt straight into q and the cache; f16 / bf16 products of 6 to 8 rows on the tensor
 //! cores (its kernels take up to 64, but above 8 cuBLAS is faster at gpt2-xl's width). A
 //! persistent kernel for batch-1 decode (decode_step.cu: every layer in one launch, weights
 //! streamed by bulk copies) is correct but slower than the kernel-by-kernel path so far, so it

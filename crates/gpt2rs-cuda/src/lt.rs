@@ -1,6 +1,7 @@
 //! Matrix products with their epilogue fused, through cuBLASLt: `x += h · wᵀ + bias` (a
-//! projection back into the f32 residual stream) and `act(h · wᵀ + bias)` in the model's
-//! precision (the MLP's first layer), for passes longer than the matrix-vector kernels take.
+//! projection back into the f32 residual stream), `act(h · wᵀ + bias)` in the model's
+//! precision (the MLP's first layer), and a prompt's queries, keys and values straight into
+//! q and its sequence's cache, for passes longer than the matrix-vector kernels take.
 //! Plain cuBLAS would write an f32 product that an elementwise kernel then reads back.
 //!
 //! Plans (descriptors, layouts and the heuristic's algorithm) are made once per shape and
@@ -13,7 +14,7 @@ use cudarc::cublaslt::result as lt;
 use cudarc::cublaslt::sys::{
     cublasComputeType_t, cublasLtEpilogue_t, cublasLtHandle_t, cublasLtMatmulAlgo_t,
     cublasLtMatmulDescAttributes_t, cublasLtMatmulDesc_t, cublasLtMatmulPreferenceAttributes_t,
-    cublasLtMatrixLayout_t, cudaDataType, cudaStream_t,
+    cublasLtMatrixLayoutAttribute_t, cublasLtMatrixLayout_t, cudaDataType, cudaStream_t,
 };
 use gpt2rs::Result;
 use std::cell::RefCell;
@@ -29,6 +30,14 @@ pub enum Fused {
     Gelu,
     /// `out` = relu(product + bias).
     Relu,
+    /// `out` (f32) = alpha · product + bias: the queries, alpha the attention scale and the
+    /// bias scaled by it.
+    Query,
+    /// Keys and values in one call: `out` (the activations' type) = product + bias for the
+    /// first n rows of the matrix, and at `out + batch_stride` elements (an operand) for the
+    /// next n, with the next n of the bias: a sequence's keys and values of one layer are
+    /// that far apart in its cache.
+    KeyValue,
 }
 
 /// One product's shape: `rows` rows of activations times an `n × k` matrix.
@@ -71,13 +80,16 @@ unsafe impl Send for Lt {}
 
 /// A fused product's operands: device addresses of the activations `x` (`[rows, k]`, f16 or
 /// bf16), the matrix `w` (`[n, k]`, same type), the f32 bias, the same bias in the output's
-/// type (activation epilogues; 0 when there is none) and the output.
+/// type (0 when there is none), the output, the factor of the product (1 but for Query) and
+/// the elements from the first output to the second (KeyValue only).
 pub struct Operands {
     pub x: u64,
     pub w: u64,
     pub bias: u64,
     pub half_bias: u64,
     pub out: u64,
+    pub alpha: f32,
+    pub batch_stride: u64,
 }
 
 impl Lt {
@@ -156,7 +168,20 @@ impl Lt {
             )
         }
         .map_err(&err)?;
-        let alpha = 1f32;
+        if fused == Fused::KeyValue {
+            let offset = ops.batch_stride as i64;
+            // SAFETY: the layout is live; the attribute is an i64.
+            unsafe {
+                lt::set_matrix_layout_attribute(
+                    *d,
+                    cublasLtMatrixLayoutAttribute_t::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+                    &offset as *const i64 as *const c_void,
+                    8,
+                )
+            }
+            .map_err(&err)?;
+        }
+        let alpha = ops.alpha;
         let beta = if fused == Fused::Residual { 1f32 } else { 0f32 };
         // Column-major view, as in the engine's plain products: out (n × rows) = wᵀ' · x'.
         // C is D: the residual stream is read and written in place.
@@ -192,8 +217,8 @@ impl Lt {
             return Ok(Some(plan));
         }
         match s.fused {
-            Fused::Residual => Ok(None),
-            Fused::Gelu | Fused::Relu => self.plan_with(s, true),
+            Fused::Residual | Fused::Query => Ok(None),
+            Fused::Gelu | Fused::Relu | Fused::KeyValue => self.plan_with(s, true),
         }
     }
 
@@ -205,11 +230,13 @@ impl Lt {
             cudaDataType::CUDA_R_16BF
         };
         let out_ty = match s.fused {
-            Fused::Residual => cudaDataType::CUDA_R_32F,
-            Fused::Gelu | Fused::Relu => ty,
+            Fused::Residual | Fused::Query => cudaDataType::CUDA_R_32F,
+            Fused::Gelu | Fused::Relu | Fused::KeyValue => ty,
         };
         let epilogue = match s.fused {
-            Fused::Residual => cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
+            Fused::Residual | Fused::Query | Fused::KeyValue => {
+                cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS
+            }
             Fused::Gelu => cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU_BIAS,
             Fused::Relu => cublasLtEpilogue_t::CUBLASLT_EPILOGUE_RELU_BIAS,
         };
@@ -250,6 +277,41 @@ impl Lt {
             b: lt::create_matrix_layout(ty, k, rows, k as i64).map_err(&err)?,
             d: lt::create_matrix_layout(out_ty, n, rows, n as i64).map_err(&err)?,
         };
+        if s.fused == Fused::KeyValue {
+            // Two products a batch: the matrix's next n rows, the same activations (stride
+            // 0), the bias's next n values, and the output further on (run sets how far; the
+            // plan is made for outputs one after the other).
+            let bias_stride = n as i64;
+            set(
+                cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_BATCH_STRIDE,
+                &bias_stride as *const i64 as *const c_void,
+                8,
+            )?;
+            for (layout, offset) in [
+                (descs.a, (n * k) as i64),
+                (descs.b, 0),
+                (descs.d, (n * rows) as i64),
+            ] {
+                let count = 2i32;
+                // SAFETY: the layout is live; the attributes are an i32 and an i64.
+                unsafe {
+                    lt::set_matrix_layout_attribute(
+                        layout,
+                        cublasLtMatrixLayoutAttribute_t::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT,
+                        &count as *const i32 as *const c_void,
+                        4,
+                    )
+                    .map_err(&err)?;
+                    lt::set_matrix_layout_attribute(
+                        layout,
+                        cublasLtMatrixLayoutAttribute_t::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+                        &offset as *const i64 as *const c_void,
+                        8,
+                    )
+                    .map_err(&err)?;
+                }
+            }
+        }
         let pref = lt::create_matmul_pref().map_err(&err)?;
         let bytes = self.workspace.1 as u64;
         // SAFETY: `pref` is live; the attribute is a u64.

@@ -120,6 +120,13 @@ impl CudaEngine {
         self.engine.decode_step_slots()
     }
 
+    /// How many prompt QKV products wrote their keys and values straight into the cache
+    /// (cuBLASLt, passes of one sequence), rather than through an f32 product and an
+    /// elementwise kernel.
+    pub fn qkv_products_into_cache(&self) -> u64 {
+        self.engine.qkv_products_into_cache()
+    }
+
     /// Bytes of one sequence's KV cache when it holds the whole context (caches grow in
     /// blocks of 64 positions up to this).
     pub fn cache_bytes_per_sequence(&self) -> u64 {

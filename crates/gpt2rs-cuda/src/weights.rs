@@ -233,8 +233,8 @@ pub struct DeviceLinear {
     pub b: DeviceVec,
 }
 
-/// A vector in f16 / bf16 bits on the GPU: the MLP's first bias for cuBLASLt's activation
-/// epilogues, which take no f32 bias with an f16 / bf16 output on some GPUs.
+/// A vector in f16 / bf16 bits on the GPU: a bias for cuBLASLt's epilogues with an f16 /
+/// bf16 output, which take no f32 bias on some GPUs.
 pub struct DeviceHalfVec(CudaSlice<u16>);
 
 impl DeviceHalfVec {
@@ -270,6 +270,10 @@ pub struct DeviceLayer {
     pub mlp_in: DeviceLinear,
     /// mlp_in's bias in the activations' type (f16 / bf16 models).
     pub mlp_in_half_bias: Option<DeviceHalfVec>,
+    /// qkv's bias in the activations' type (f16 / bf16 models): prompts' keys and values.
+    pub qkv_half_bias: Option<DeviceHalfVec>,
+    /// The queries' part of qkv's bias times the layer's attention scale (prompts' queries).
+    pub q_bias_scaled: DeviceVec,
     pub mlp_out: DeviceLinear,
 }
 
@@ -309,10 +313,10 @@ impl DeviceModel {
             + blocks.bytes(inner, e)
             + blocks.bytes(e, inner);
         let heads = if separate_head { 2 } else { 1 };
-        let vectors = (c.n_positions * e + 2 * e + c.n_layer * (9 * e + inner)) as u64;
+        let vectors = (c.n_positions * e + 2 * e + c.n_layer * (10 * e + inner)) as u64;
         let half_biases = match blocks {
             MatrixFormat::Float(Precision::F32) => 0,
-            _ => (c.n_layer * inner * 2) as u64,
+            _ => (c.n_layer * (inner + 3 * e) * 2) as u64,
         };
         heads * head.bytes(c.vocab_size, e) + c.n_layer as u64 * layer + vectors * 4 + half_biases
     }
@@ -338,10 +342,14 @@ impl DeviceModel {
                 b: DeviceVec::upload(dev, &l.b)?,
             })
         };
+        let c = &w.config;
         let layers = w
             .layers
             .iter()
-            .map(|l| {
+            .enumerate()
+            .map(|(i, l)| {
+                let scale = c.attention_scale(i);
+                let q_bias: Vec<f32> = l.qkv.b[..c.n_embd].iter().map(|b| b * scale).collect();
                 Ok(DeviceLayer {
                     ln_1: DeviceNorm::upload(dev, &l.ln_1)?,
                     qkv: lin(&l.qkv)?,
@@ -349,6 +357,8 @@ impl DeviceModel {
                     ln_2: DeviceNorm::upload(dev, &l.ln_2)?,
                     mlp_in: lin(&l.mlp_in)?,
                     mlp_in_half_bias: DeviceHalfVec::upload(dev, &l.mlp_in.b, p)?,
+                    qkv_half_bias: DeviceHalfVec::upload(dev, &l.qkv.b, p)?,
+                    q_bias_scaled: DeviceVec::upload(dev, &q_bias)?,
                     mlp_out: lin(&l.mlp_out)?,
                 })
             })
