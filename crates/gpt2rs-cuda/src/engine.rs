@@ -698,8 +698,8 @@ impl GpuEngine {
     }
 
     /// `x · wᵀ` (`w` at `w_ptr` in the activations' type) with a residual or activation
-    /// epilogue in one cuBLASLt product; false (nothing enqueued) when cuBLASLt is off or has
-    /// no algorithm for it, or for other epilogues.
+    /// epilogue in one cuBLASLt product, or a QKV one in two (see `qkv_into_cache`); false
+    /// (nothing enqueued) when cuBLASLt is off or has no algorithm for it, or for the head.
     fn fused_product(
         &self,
         p: &Pass,
@@ -714,25 +714,8 @@ impl GpuEngine {
         };
         let half = self.precision == Precision::F16;
         let stream = self.dev.stream.cu_stream() as _;
-        if let Epilogue::Qkv {
-            bias,
-            q_bias,
-            half_bias,
-            q,
-            layer,
-            scale,
-        } = epi
-        {
-            return self.qkv_into_cache(
-                p,
-                x,
-                rows,
-                w,
-                w_ptr,
-                (bias, q_bias, half_bias, q),
-                layer,
-                scale,
-            );
+        if matches!(epi, Epilogue::Qkv { .. }) {
+            return self.qkv_into_cache(p, x, rows, w, w_ptr, epi);
         }
         let (fused, bias, half_bias, out) = match epi {
             Epilogue::Residual { bias, x } => (Fused::Residual, bias, 0, x),
@@ -765,7 +748,6 @@ impl GpuEngine {
     /// the rows' places in the cache. `Ok(false)` when the pass has several sequences or
     /// cuBLASLt has no algorithm for a part (then nothing was enqueued but, at worst, the
     /// keys and values, which the unfused path writes again).
-    #[allow(clippy::too_many_arguments)]
     fn qkv_into_cache(
         &self,
         p: &Pass,
@@ -773,11 +755,20 @@ impl GpuEngine {
         rows: usize,
         w: &DeviceMatrix,
         w_ptr: u64,
-        (bias, q_bias, half_bias, q): (u64, u64, u64, u64),
-        layer: i32,
-        scale: f32,
+        epi: Epilogue,
     ) -> Result<bool> {
         let (Some(lt), Some((cache, cap, first))) = (&self.lt, p.one_sequence) else {
+            return Ok(false);
+        };
+        let Epilogue::Qkv {
+            bias,
+            q_bias,
+            half_bias,
+            q,
+            layer,
+            scale,
+        } = epi
+        else {
             return Ok(false);
         };
         if !self.use_qkv_into_cache {
