@@ -709,14 +709,14 @@ impl GpuEngine {
         w_ptr: u64,
         epi: Epilogue,
     ) -> Result<bool> {
+        if matches!(epi, Epilogue::Qkv { .. }) {
+            return self.qkv_into_cache(p, x, rows, w, w_ptr, epi);
+        }
         let Some(lt) = &self.lt else {
             return Ok(false);
         };
         let half = self.precision == Precision::F16;
         let stream = self.dev.stream.cu_stream() as _;
-        if matches!(epi, Epilogue::Qkv { .. }) {
-            return self.qkv_into_cache(p, x, rows, w, w_ptr, epi);
-        }
         let (fused, bias, half_bias, out) = match epi {
             Epilogue::Residual { bias, x } => (Fused::Residual, bias, 0, x),
             Epilogue::Act {
@@ -830,13 +830,13 @@ impl GpuEngine {
         };
         let half = self.precision == Precision::F16;
         for rows in GEMV_MAX_ROWS + 1..=longest {
-            let (c, k) = (self.config.n_embd, l.qkv.w.cols);
+            let (c, qkv_k) = (self.config.n_embd, l.qkv.w.cols);
             for (fused, n, k) in [
                 (Some(Fused::Residual), l.attn_out.w.rows, l.attn_out.w.cols),
                 (act, l.mlp_in.w.rows, l.mlp_in.w.cols),
                 (Some(Fused::Residual), l.mlp_out.w.rows, l.mlp_out.w.cols),
-                (Some(Fused::KeyValue), c, k),
-                (Some(Fused::Query), c, k),
+                (Some(Fused::KeyValue), c, qkv_k),
+                (Some(Fused::Query), c, qkv_k),
             ] {
                 if let Some(f) = fused {
                     lt.prepare(f, rows, n, k, half)?;
