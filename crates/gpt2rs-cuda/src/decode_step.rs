@@ -10,12 +10,16 @@ use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig};
 use gpt2rs::config::Gpt2Config;
 use gpt2rs::Result;
 
-/// decode_step.cu's STEP_THREADS, STEP_SLOT_BYTES, STEP_MAX_SLOTS, STEP_HELD and STEP_SUMS.
+/// decode_step.cu's STEP_THREADS, STEP_SLOT_BYTES, STEP_MAX_SLOTS, STEP_HELD, STEP_M_HELD
+/// and STEP_SUMS.
 const THREADS: u32 = 256 + 32;
 const SLOT_BYTES: usize = 16384;
 const MAX_SLOTS: usize = 16;
 const MAX_WIDTH: usize = 8 * 256;
+const MAX_INNER: usize = 2 * 16 * 256;
 const SUMS: usize = 2048;
+/// A slot's room for a quantized matrix's scales beyond its rows' own (16-byte boundaries).
+const SCALE_SLACK: usize = 32;
 /// The kernel's static shared memory, rounded up.
 const STATIC_SHARED: usize = 1024;
 /// u64 words of decode_step.cu's StepLayer.
@@ -24,8 +28,6 @@ const LAYER_WORDS: usize = 17;
 /// Buffers handed to one pass (the engine's scratch for a one-row pass).
 pub(crate) struct StepBuffers {
     pub x: u64,
-    pub q: u64,
-    pub m: u64,
     pub caches: u64,
     pub pos: u64,
     pub caps: u64,
@@ -35,10 +37,9 @@ pub(crate) struct DecodeStep {
     function: CudaFunction,
     /// Per layer its StepLayer: matrix, scale and bias pointers, norms, attention scale.
     layers: CudaSlice<u64>,
-    /// Attention's per-chunk results (see decode_step.cu's step_attention).
-    part: CudaSlice<f32>,
-    /// The grid barrier's count of arrivals (it only grows).
-    barrier: CudaSlice<u64>,
+    /// The stamped words blocks hand each other (decode_step.cu): x, q with the new key
+    /// and value, attention's per-chunk results, m, and last the count of passes.
+    words: CudaSlice<u64>,
     blocks: u32,
     shared: u32,
     slots: usize,
@@ -67,11 +68,10 @@ impl DecodeStep {
         let d = config.head_dim();
         let act_bytes = config.n_embd.max(config.n_inner).next_multiple_of(8) * p.size();
         let items = config.n_head * config.n_positions.div_ceil(64);
-        let rows = (3 * config.n_embd)
-            .max(config.n_inner)
-            .div_ceil(dev.sm_count)
-            + 1;
-        let rest = act_bytes + (config.n_positions + SUMS + d + 2 * items + rows) * 4;
+        // Blocks take rows in pairs (decode_step.cu's step_first_row).
+        let share = |n: usize| 2 * (n / 2).div_ceil(dev.sm_count);
+        let rows = share((3 * config.n_embd).max(config.n_inner)) + share(config.n_embd);
+        let rest = act_bytes + (config.n_positions + SUMS + 3 * d + 2 * items + rows) * 4;
         let slots = (optin.saturating_sub(rest + STATIC_SHARED) / SLOT_BYTES).min(MAX_SLOTS);
         // Fewer than 4 slots would leave too little in flight to be worth it.
         if slots < 4 {
@@ -87,8 +87,10 @@ impl DecodeStep {
         let resident = function
             .occupancy_max_active_blocks_per_multiprocessor(THREADS, shared as usize, None)
             .map_err(device_err("reading decode_step's occupancy"))?;
-        // Its grid barriers need every block resident at once: one per multiprocessor.
-        if resident < 1 {
+        // Blocks wait for each other's words, so every block must be resident at once: one
+        // per multiprocessor. And every block must own some of x's rows (and so of m's), or
+        // the buffers' reuse is not safe (see decode_step.cu).
+        if resident < 1 || config.n_embd / 2 < dev.sm_count {
             return Ok(None);
         }
         let table = Self::layer_table(dev, w, config);
@@ -97,8 +99,9 @@ impl DecodeStep {
         Ok(Some(Self {
             function,
             layers: s.clone_htod(&table).map_err(&err)?,
-            part: s.alloc_zeros::<f32>(items * (d + 2)).map_err(&err)?,
-            barrier: s.alloc_zeros::<u64>(1).map_err(&err)?,
+            words: s
+                .alloc_zeros::<u64>(Self::word_offsets(config)[4] + 1)
+                .map_err(&err)?,
             blocks: dev.sm_count as u32,
             shared,
             slots,
@@ -115,10 +118,20 @@ impl DecodeStep {
             .iter()
             .flat_map(|l| [&l.qkv.w, &l.attn_out.w, &l.mlp_in.w, &l.mlp_out.w])
             .all(|m| {
-                m.format == first && m.row_bytes() <= SLOT_BYTES && m.cols.is_multiple_of(vector)
+                let scales = if first.is_quantized() {
+                    2 * m.cols.div_ceil(32) + SCALE_SLACK
+                } else {
+                    0
+                };
+                m.format == first
+                    && m.row_bytes() + scales <= SLOT_BYTES
+                    && m.cols.is_multiple_of(vector)
             });
-        // Heads of whole 16-byte pieces of the cache (8 f16 / bf16 values).
+        // Heads of whole 16-byte pieces of the cache (8 f16 / bf16 values), even row counts.
         let shapes = config.n_embd <= MAX_WIDTH
+            && config.n_inner <= MAX_INNER
+            && config.n_embd.is_multiple_of(2)
+            && config.n_inner.is_multiple_of(2)
             && config.n_embd.is_multiple_of(config.n_head)
             && config.head_dim().is_multiple_of(8);
         (p != Precision::F32 && fits && shapes).then_some(first)
@@ -144,6 +157,16 @@ impl DecodeStep {
         table
     }
 
+    /// Where the words of x, qkv, part and m and the pass count start in `words`.
+    fn word_offsets(config: &Gpt2Config) -> [usize; 5] {
+        let c = config.n_embd;
+        let items = config.n_head * config.n_positions.div_ceil(64);
+        let qkv = c;
+        let part = qkv + 3 * c;
+        let m = part + items * (config.head_dim() + 2);
+        [0, qkv, part, m, m + config.n_inner / 2]
+    }
+
     /// Shared-memory slots of weights in flight per block.
     pub fn slots(&self) -> usize {
         self.slots
@@ -159,13 +182,16 @@ impl DecodeStep {
             shared_mem_bytes: self.shared,
         };
         let s = &dev.stream;
+        let words = self.words.device_ptr(s).0;
+        let [xs, qkv, part, m, epoch] = Self::word_offsets(cfg).map(|o| words + 8 * o as u64);
         let args = [
             Arg::Ptr(self.layers.device_ptr(s).0),
             Arg::Int(cfg.n_layer as i32),
             Arg::Ptr(b.x),
-            Arg::Ptr(b.q),
-            Arg::Ptr(b.m),
-            Arg::Ptr(self.part.device_ptr(s).0),
+            Arg::Ptr(xs),
+            Arg::Ptr(qkv),
+            Arg::Ptr(part),
+            Arg::Ptr(m),
             Arg::Ptr(b.caches),
             Arg::Ptr(b.pos),
             Arg::Ptr(b.caps),
@@ -176,7 +202,7 @@ impl DecodeStep {
             Arg::Int(act),
             Arg::Float(cfg.layer_norm_epsilon),
             Arg::Int(self.slots as i32),
-            Arg::Ptr(self.barrier.device_ptr(s).0),
+            Arg::Ptr(epoch),
         ];
         launch(dev, pdl, &self.function, launch_cfg, &args)
     }

@@ -148,7 +148,8 @@ impl Device {
 /// exact source was compiled for it before.
 fn compile_kernels(major: i32, minor: i32) -> Result<Ptx> {
     let arch = format!("compute_{major}{minor}");
-    let cache = cache_path(&arch);
+    let defines = kernel_defines();
+    let cache = cache_path(&arch, &defines);
     if let Some(path) = &cache {
         if let Ok(src) = std::fs::read_to_string(path) {
             return Ok(Ptx::from_src(src));
@@ -157,6 +158,7 @@ fn compile_kernels(major: i32, minor: i32) -> Result<Ptx> {
     let opts = CompileOptions {
         // NVRTC wants a &'static str; one small string per process.
         arch: Some(Box::leak(arch.into_boxed_str())),
+        options: defines.iter().map(|d| format!("-D{d}")).collect(),
         ..Default::default()
     };
     let ptx = cudarc::nvrtc::compile_ptx_with_opts(KERNELS, opts)
@@ -176,15 +178,27 @@ fn compile_kernels(major: i32, minor: i32) -> Result<Ptx> {
     Ok(ptx)
 }
 
-/// `$XDG_CACHE_HOME/gpt2rs/kernels-<hash of the source, version and arch>.ptx` (or under
-/// `~/.cache`), or none when neither is set.
-fn cache_path(arch: &str) -> Option<PathBuf> {
+/// Macros defined for the kernels' compile, for measurements: GPT2RS_CUDA_DEFINES=NAME[=VALUE],…
+/// (e.g. STEP_PROFILE, see decode_step.cu). Empty by default.
+fn kernel_defines() -> Vec<String> {
+    std::env::var("GPT2RS_CUDA_DEFINES")
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+/// `$XDG_CACHE_HOME/gpt2rs/kernels-<hash of the source, version, arch and defines>.ptx` (or
+/// under `~/.cache`), or none when neither is set.
+fn cache_path(arch: &str, defines: &[String]) -> Option<PathBuf> {
     use std::hash::{Hash, Hasher};
     let dir = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    (KERNELS, env!("CARGO_PKG_VERSION"), arch).hash(&mut h);
+    (KERNELS, env!("CARGO_PKG_VERSION"), arch, defines).hash(&mut h);
     Some(
         dir.join("gpt2rs")
             .join(format!("kernels-{arch}-{:016x}.ptx", h.finish())),

@@ -398,7 +398,7 @@ pub(crate) struct GpuEngine {
     /// One-row passes through every layer in one persistent kernel, where it applies.
     step: Option<DecodeStep>,
     /// Whether one-row passes use `step`: off unless GPT2RS_CUDA_STEP=1 or a test asks, as it
-    /// is slower than the kernel-by-kernel path so far (docs/benchmarks.md, tenth session).
+    /// is slower than the kernel-by-kernel path so far (docs/benchmarks.md, twelfth session).
     use_step: bool,
     /// Whether prompts of one sequence write their keys and values straight into the cache
     /// (GPT2RS_CUDA_QKV_CACHE=0 keeps the f32 product and epilogue kernel, for comparisons).
@@ -941,8 +941,6 @@ impl GpuEngine {
         if let Some(step) = step {
             let buffers = StepBuffers {
                 x,
-                q,
-                m,
                 caches: p.caches,
                 pos: p.pos,
                 caps: p.caps,

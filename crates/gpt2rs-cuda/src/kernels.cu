@@ -59,12 +59,14 @@ __device__ __forceinline__ float pick_score(float v, int b, int j, const float* 
 }
 
 struct F32 {
+    static const bool HALF = false;  // f16: products summed in f16 pairs (see WFloat::fma)
     typedef float T;
     static __device__ __forceinline__ float load(T v) { return v; }
     static __device__ __forceinline__ T store(float f) { return f; }
 };
 
 struct F16 {
+    static const bool HALF = true;
     typedef unsigned short T;
     static __device__ __forceinline__ float load(T h) {
         float f;
@@ -79,6 +81,7 @@ struct F16 {
 };
 
 struct BF16 {
+    static const bool HALF = false;
     typedef unsigned short T;
     static __device__ __forceinline__ float load(T h) {
         return __uint_as_float(((unsigned int)h) << 16);
@@ -157,10 +160,14 @@ __device__ __forceinline__ void fma_pairs(const unsigned int* w2, const unsigned
     acc[r] += h2_sum(h);
 }
 
+#ifndef HALF_PAIRS
+#define HALF_PAIRS 1
+#endif
 template <class S>
 struct WFloat {
     typedef typename S::T T;
     static const int E = 16 / sizeof(T);  // values per piece
+    static const bool SCALED = false;     // no group scales
     static __device__ __forceinline__ size_t row_bytes(int k) { return (size_t)k * sizeof(T); }
     static __device__ __forceinline__ int pieces(int k) { return k / E; }
     static __device__ __forceinline__ bool vec(int k) { return k % E == 0; }
@@ -168,17 +175,34 @@ struct WFloat {
                                                int j, int i, int k) {
         return S::load(((const T*)w)[(size_t)j * k + i]);
     }
+    static __device__ __forceinline__ int group(int) { return 0; }
+    template <class A, int R>
+    static __device__ __forceinline__ void fma_s(uint4 piece, int p, unsigned int,
+                                                 const typename A::T* x, int k, float* acc) {
+        fma<A, R>(piece, p, nullptr, x, k, acc);
+    }
     template <class A, int R>
     static __device__ __forceinline__ void fma(uint4 piece, int p, const unsigned short*,
                                                const typename A::T* x, int k, float* acc) {
         typedef typename A::T X;
         const T* wt = (const T*)&piece;
+        if (HALF_PAIRS && S::HALF && A::HALF) {
+            // f16 × f16: the piece's 8 products summed in f16 pairs, as the integer formats
+            // do, instead of 16 conversions to f32 a piece, which bounded the persistent
+            // decode kernel's products (HALF_PAIRS=0 in GPT2RS_CUDA_DEFINES restores them).
 #pragma unroll
-        for (int r = 0; r < R; r++) {
-            uint4 xv = *(const uint4*)(x + (size_t)r * k + p * E);
-            const X* xt = (const X*)&xv;
+            for (int r = 0; r < R; r++) {
+                uint4 xv = *(const uint4*)(x + (size_t)r * k + p * E);
+                fma_pairs<4>((const unsigned int*)&piece, (const unsigned int*)&xv, acc, r);
+            }
+        } else {
 #pragma unroll
-            for (int q = 0; q < E; q++) acc[r] += S::load(wt[q]) * A::load(xt[q]);
+            for (int r = 0; r < R; r++) {
+                uint4 xv = *(const uint4*)(x + (size_t)r * k + p * E);
+                const X* xt = (const X*)&xv;
+#pragma unroll
+                for (int q = 0; q < E; q++) acc[r] += S::load(wt[q]) * A::load(xt[q]);
+            }
         }
     }
 };
@@ -186,6 +210,7 @@ struct WFloat {
 // The integer formats run with f16 activations (A = F16).
 struct Q8 {
     static const int E = 16;
+    static const bool SCALED = true;
     static __device__ __forceinline__ size_t row_bytes(int k) { return (size_t)groups32(k) * 32; }
     static __device__ __forceinline__ int pieces(int k) { return groups32(k) * 2; }
     // Whole groups only: a padded last group would read past the activations' row.
@@ -202,10 +227,18 @@ struct Q8 {
 #pragma unroll
         for (int q = 0; q < 16; q++) v[q] = d * int8_value(wv[q >> 2], q & 3);
     }
+    // The group (scale index) of piece p.
+    static __device__ __forceinline__ int group(int p) { return p >> 1; }
     template <class A, int R>
     static __device__ __forceinline__ void fma(uint4 piece, int p, const unsigned short* srow,
                                                const unsigned short* x, int k, float* acc) {
-        unsigned int s = __ldg(srow + (p >> 1)), d2 = s | (s << 16);
+        fma_s<A, R>(piece, p, __ldg(srow + group(p)), x, k, acc);
+    }
+    // fma with the piece's scale s (f16 bits) already read.
+    template <class A, int R>
+    static __device__ __forceinline__ void fma_s(uint4 piece, int p, unsigned int s,
+                                                 const unsigned short* x, int k, float* acc) {
+        unsigned int d2 = s | (s << 16);
         unsigned int wv[4] = {piece.x, piece.y, piece.z, piece.w};
         unsigned int w2[8];  // values (0, 1), (2, 3), ... of the piece
 #pragma unroll
@@ -226,6 +259,7 @@ struct Q8 {
 
 struct Q4 {
     static const int E = 32;
+    static const bool SCALED = true;
     static __device__ __forceinline__ size_t row_bytes(int k) { return (size_t)groups32(k) * 16; }
     static __device__ __forceinline__ int pieces(int k) { return groups32(k); }
     static __device__ __forceinline__ bool vec(int k) { return k % 32 == 0; }
@@ -246,10 +280,16 @@ struct Q4 {
             v[b + 16] = d * int4_value(wv[b >> 2], 8 * (b & 3) + 4);
         }
     }
+    static __device__ __forceinline__ int group(int p) { return p; }
     template <class A, int R>
     static __device__ __forceinline__ void fma(uint4 piece, int p, const unsigned short* srow,
                                                const unsigned short* x, int k, float* acc) {
-        unsigned int s = __ldg(srow + p), d2 = s | (s << 16);
+        fma_s<A, R>(piece, p, __ldg(srow + group(p)), x, k, acc);
+    }
+    template <class A, int R>
+    static __device__ __forceinline__ void fma_s(uint4 piece, int p, unsigned int s,
+                                                 const unsigned short* x, int k, float* acc) {
+        unsigned int d2 = s | (s << 16);
         unsigned int wv[4] = {piece.x, piece.y, piece.z, piece.w};
         // Word q holds values 4q..4q+3 in its low nibbles and 16 + those in its high ones;
         // masking two nibbles 16 bits apart gives the pairs (4q, 4q+2) and (4q+1, 4q+3).

@@ -94,8 +94,9 @@ impl MatrixFormat {
     fn bytes(self, rows: usize, cols: usize) -> u64 {
         match self {
             Self::Float(p) => (rows * cols * p.size()) as u64,
-            Self::Int8 => DType::Int8.matrix_bytes(rows, cols),
-            Self::Int4 => DType::Int4.matrix_bytes(rows, cols),
+            // The scales' padding: see padded_scales.
+            Self::Int8 => DType::Int8.matrix_bytes(rows, cols) + 16,
+            Self::Int4 => DType::Int4.matrix_bytes(rows, cols) + 16,
         }
     }
 }
@@ -118,6 +119,17 @@ enum DeviceData {
     },
 }
 
+/// A quantized matrix's scales with 16 bytes of zeros after them: the persistent decode
+/// kernel copies whole 16-byte pieces around each slot's scales (decode_step.cu).
+fn padded_scales(dev: &Device, scales: &[u16]) -> Result<CudaSlice<u16>> {
+    let s = &dev.stream;
+    let err = device_err("copying weights to the GPU");
+    let mut buf = s.alloc_zeros::<u16>(scales.len() + 8).map_err(&err)?;
+    s.memcpy_htod(scales, &mut buf.slice_mut(..scales.len()))
+        .map_err(&err)?;
+    Ok(buf)
+}
+
 impl DeviceMatrix {
     /// Uploads `m` in `p`, converting from its stored format where they differ.
     fn upload(dev: &Device, m: &QMatrix, p: Precision) -> Result<Self> {
@@ -129,12 +141,12 @@ impl DeviceMatrix {
                 let bytes = unsafe { std::slice::from_raw_parts(q.as_ptr() as *const u8, q.len()) };
                 DeviceData::Quant {
                     q: s.clone_htod(bytes).map_err(&err)?,
-                    scales: s.clone_htod(&scales[..]).map_err(&err)?,
+                    scales: padded_scales(dev, scales)?,
                 }
             }
             (QData::Int4 { q, scales }, _) => DeviceData::Quant {
                 q: s.clone_htod(&q[..]).map_err(&err)?,
-                scales: s.clone_htod(&scales[..]).map_err(&err)?,
+                scales: padded_scales(dev, scales)?,
             },
             (QData::F32(d), Precision::F32) => DeviceData::F32(s.clone_htod(&d[..]).map_err(&err)?),
             (QData::F16(d), Precision::F16) | (QData::Bf16(d), Precision::Bf16) => {

@@ -729,9 +729,9 @@ fn decode_over_long_caches_splits_like_the_cpu() {
 fn batch_1_decode_in_one_persistent_kernel_matches_the_cpu() {
     // decode_step.cu runs every layer of a one-row pass in one kernel (sm_90 on). At gpt2's
     // and gpt2-xl's widths (25 heads), in every format it takes: a 37-token prompt, then 100
-    // one-token steps (the cache crosses 64 and 128 positions, so attention's chunks change),
-    // every fourth one for a 900-token sequence instead (attention in wide chunks; each step
-    // a new cache pointer). Each step against the CPU engine in f32 (on the dequantized values
+    // one-token steps (the cache crosses 64 and 128 positions), every fourth one for a
+    // 900-token sequence instead (attention in 4 chunks of 256 or more, combined in two rounds
+    // of words; each step a new cache pointer). Each step against the CPU engine in f32 (on the dequantized values
     // for int8 / int4) and against the same GPU running the pass kernel by kernel.
     for preset in ["gpt2", "gpt2-xl"] {
         let mut config = Gpt2Config::preset(preset).unwrap();
