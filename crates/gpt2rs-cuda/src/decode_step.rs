@@ -67,7 +67,7 @@ impl DecodeStep {
             as usize;
         let d = config.head_dim();
         let act_bytes = config.n_embd.max(config.n_inner).next_multiple_of(8) * p.size();
-        let items = config.n_head * config.n_positions.div_ceil(64);
+        let items = Self::most_attention_items(config);
         // Blocks take rows in pairs (decode_step.cu's step_first_row).
         let share = |n: usize| 2 * (n / 2).div_ceil(dev.sm_count);
         let rows = share((3 * config.n_embd).max(config.n_inner)) + share(config.n_embd);
@@ -157,10 +157,16 @@ impl DecodeStep {
         table
     }
 
+    /// The most attention items a pass can have: a head in chunks of at least 64 positions
+    /// (decode_step.cu's bound for its `stats`; its chunks are at least STEP_MIN_CHUNK).
+    fn most_attention_items(config: &Gpt2Config) -> usize {
+        config.n_head * config.n_positions.div_ceil(64)
+    }
+
     /// Where the words of x, qkv, part and m and the pass count start in `words`.
     fn word_offsets(config: &Gpt2Config) -> [usize; 5] {
         let c = config.n_embd;
-        let items = config.n_head * config.n_positions.div_ceil(64);
+        let items = Self::most_attention_items(config);
         let qkv = c;
         let part = qkv + 3 * c;
         let m = part + items * (config.head_dim() + 2);
