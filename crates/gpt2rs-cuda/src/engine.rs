@@ -400,6 +400,9 @@ pub(crate) struct GpuEngine {
     /// Whether one-row passes use `step`: off unless GPT2RS_CUDA_STEP=1 or a test asks, as it
     /// is slower than the kernel-by-kernel path so far (docs/benchmarks.md, twelfth session).
     use_step: bool,
+    /// How much of the next product's matrix a matrix-vector product asks L2 for as its blocks
+    /// finish (GPT2RS_CUDA_L2_NEXT_KB, by default L2_NEXT_DEFAULT; 0 for none).
+    l2_next: usize,
     /// Whether prompts of one sequence write their keys and values straight into the cache
     /// (GPT2RS_CUDA_QKV_CACHE=0 keeps the f32 product and epilogue kernel, for comparisons).
     use_qkv_into_cache: bool,
@@ -426,6 +429,7 @@ impl GpuEngine {
         let mut formats = vec![w.wte.format, w.lm_head().format];
         formats.extend(w.layers.first().map(|l| l.qkv.w.format));
         let kernels = Kernels::load(&dev, precision, &formats)?;
+        let dev_major = dev.major;
         // GPT2RS_CUDA_PDL=0 serializes kernels the ordinary way (for comparisons).
         let use_pdl = dev.major >= 9 && std::env::var("GPT2RS_CUDA_PDL").map_or(true, |v| v != "0");
         let use_split = std::env::var("GPT2RS_CUDA_SPLIT").map_or(true, |v| v != "0");
@@ -464,6 +468,7 @@ impl GpuEngine {
             step,
             use_step: std::env::var("GPT2RS_CUDA_STEP").is_ok_and(|v| v == "1"),
             use_qkv_into_cache: std::env::var("GPT2RS_CUDA_QKV_CACHE").map_or(true, |v| v != "0"),
+            l2_next: l2_next_setting(dev_major),
             qkv_into_cache: std::cell::Cell::new(0),
         })
     }
@@ -549,13 +554,27 @@ impl GpuEngine {
     /// `epi`: up to GEMV_MAX_ROWS rows in one matrix-vector kernel with the epilogue fused,
     /// or on the tensor cores in gemv_tc (fused too) for the pass lengths it takes (see
     /// `tc_rows`); otherwise through cuBLAS (cuBLASLt's fused epilogues, or f32 into the
-    /// pass's product buffer and an elementwise epilogue).
-    fn gemm(&self, p: &Pass, x: u64, rows: usize, w: &DeviceMatrix, epi: Epilogue) -> Result<()> {
+    /// pass's product buffer and an elementwise epilogue). `next` is the matrix of the product
+    /// that follows in the pass: the matrix-vector kernels start its first `l2_next` bytes into
+    /// L2 as their blocks finish.
+    fn gemm(
+        &self,
+        p: &Pass,
+        x: u64,
+        rows: usize,
+        w: &DeviceMatrix,
+        next: Option<&DeviceMatrix>,
+        epi: Epilogue,
+    ) -> Result<()> {
         let (n, k) = (w.rows as i32, w.cols as i32);
         let (c, n_layer) = (self.config.n_embd, self.config.n_layer);
         let kernels = self.kernels.of(w);
         let (data, scales) = (w.ptr(&self.dev), w.scales_ptr(&self.dev));
         let tc = self.tc_kernel(rows, w);
+        let (next_ptr, next_bytes) = next.map_or((0, 0), |m| {
+            let bytes = (m.rows * m.row_bytes()).min(self.l2_next) & !15;
+            (m.ptr(&self.dev), bytes)
+        });
         if rows <= GEMV_MAX_ROWS && tc.is_none() {
             let wpr = warps_per_row(w.rows, w.row_bytes(), kernels.resident_warps[rows - 1]);
             let cfg = LaunchConfig {
@@ -570,6 +589,8 @@ impl GpuEngine {
                 Arg::Int(n),
                 Arg::Int(k),
                 Arg::Int(wpr as i32),
+                Arg::Ptr(next_ptr),
+                Arg::Int(next_bytes as i32),
             ];
             args.extend(epi.args(p, c, n_layer, true));
             return self.launch(&kernels.gemv[rows - 1], cfg, &args);
@@ -589,6 +610,8 @@ impl GpuEngine {
                 Arg::Int(k),
                 Arg::Ptr(p.tc_part),
                 Arg::Ptr(p.tc_counts),
+                Arg::Ptr(next_ptr),
+                Arg::Int(next_bytes as i32),
             ];
             args.extend(epi.args(p, c, n_layer, true));
             return self.launch(tc, cfg, &args);
@@ -962,14 +985,14 @@ impl GpuEngine {
                 scale: cfg.attention_scale(l),
             };
             self.layernorm(p, &lw.ln_1, rows, 0)?;
-            self.gemm(p, p.h, rows, &lw.qkv.w, qkv)?;
+            self.gemm(p, p.h, rows, &lw.qkv.w, Some(&lw.attn_out.w), qkv)?;
             self.attention(p, l)?;
             let back = |bias: &crate::weights::DeviceVec| Epilogue::Residual {
                 bias: bias.ptr(dev),
                 x,
             };
             let attn_out = back(&lw.attn_out.b);
-            self.gemm(p, att, rows, &lw.attn_out.w, attn_out)?;
+            self.gemm(p, att, rows, &lw.attn_out.w, Some(&lw.mlp_in.w), attn_out)?;
             let mlp_act = Epilogue::Act {
                 bias: lw.mlp_in.b.ptr(dev),
                 half_bias: lw.mlp_in_half_bias.as_ref().map_or(0, |b| b.ptr(dev)),
@@ -977,9 +1000,14 @@ impl GpuEngine {
                 act,
             };
             self.layernorm(p, &lw.ln_2, rows, 0)?;
-            self.gemm(p, p.h, rows, &lw.mlp_in.w, mlp_act)?;
+            self.gemm(p, p.h, rows, &lw.mlp_in.w, Some(&lw.mlp_out.w), mlp_act)?;
             let mlp_out = back(&lw.mlp_out.b);
-            self.gemm(p, m, rows, &lw.mlp_out.w, mlp_out)?;
+            let after = match w.layers.get(l + 1) {
+                Some(next) => &next.qkv.w,
+                None => w.lm_head(),
+            };
+            let after = (p.wanted > 0 || l + 1 < layers.len()).then_some(after);
+            self.gemm(p, m, rows, &lw.mlp_out.w, after, mlp_out)?;
         }
 
         // The final norm of the wanted rows only, the head, and the picks.
@@ -989,7 +1017,7 @@ impl GpuEngine {
                 first_pick: p.wanted - p.picks,
             };
             self.layernorm(p, &w.ln_f, p.wanted, p.wanted_rows)?;
-            self.gemm(p, p.h, p.wanted, w.lm_head(), head)?;
+            self.gemm(p, p.h, p.wanted, w.lm_head(), None, head)?;
         }
         if p.filtered > 0 {
             let full = p.wanted - p.picks - p.filtered;
@@ -1387,6 +1415,29 @@ fn tc_blocks(w: &DeviceMatrix, resident: usize) -> (usize, usize) {
     }
     let most = (w.cols / 32 / (TC_THREADS as usize / 32)).clamp(1, 8);
     (tiles, (resident / tiles).clamp(1, most))
+}
+
+/// How much of the next matrix the matrix-vector kernels start into L2: measured on an H200
+/// with gpt2-xl's products alone (scripts/device/gemv_chain.cu; docs/benchmarks.md,
+/// thirteenth session), 1-3 MB did equally well and 6 MB less.
+const L2_NEXT_DEFAULT: usize = 2 << 20;
+
+/// GPT2RS_CUDA_L2_NEXT_KB (0 for none, for comparisons); none before sm_90, which has no
+/// bulk prefetch.
+fn l2_next_setting(major: i32) -> usize {
+    l2_next_bytes(
+        major,
+        std::env::var("GPT2RS_CUDA_L2_NEXT_KB").ok().as_deref(),
+    )
+}
+
+/// [`l2_next_setting`] for a setting of `kb` (at most 64 MB; unparsable means the default).
+fn l2_next_bytes(major: i32, kb: Option<&str>) -> usize {
+    if major < 9 {
+        return 0;
+    }
+    kb.and_then(|v| v.trim().parse::<usize>().ok())
+        .map_or(L2_NEXT_DEFAULT, |kb| kb.min(64 << 10) << 10)
 }
 
 /// The pass lengths whose products run on the tensor cores: GPT2RS_CUDA_TC_ROWS=lo-hi (within
@@ -1874,4 +1925,19 @@ fn logits_stride(vocab: usize) -> usize {
 fn key_bytes(keys: &mut [u64]) -> &mut [u8] {
     // SAFETY: u64 has no padding and every byte pattern is a valid u64.
     unsafe { std::slice::from_raw_parts_mut(keys.as_mut_ptr() as *mut u8, keys.len() * 8) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_l2_hand_on_is_read_in_kilobytes_and_off_before_hopper() {
+        assert_eq!(l2_next_bytes(9, None), L2_NEXT_DEFAULT);
+        assert_eq!(l2_next_bytes(9, Some("0")), 0);
+        assert_eq!(l2_next_bytes(9, Some(" 1024 ")), 1 << 20);
+        assert_eq!(l2_next_bytes(9, Some("10000000")), 64 << 20);
+        assert_eq!(l2_next_bytes(9, Some("lots")), L2_NEXT_DEFAULT);
+        assert_eq!(l2_next_bytes(8, Some("1024")), 0);
+    }
 }

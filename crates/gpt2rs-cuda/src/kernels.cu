@@ -1448,15 +1448,33 @@ __device__ __forceinline__ void epilogue(const Epi<S>& e, float v, int r, int j,
     }
 }
 
+// This block's share of the first `bytes` at `p` (16-byte aligned) into L2, the grid's blocks
+// taking equal slices in order: a hint, no result.
+__device__ __forceinline__ void prefetch_slice_l2(const unsigned char* p, unsigned int bytes) {
+#if __CUDA_ARCH__ >= 900
+    unsigned int blocks = gridDim.x * gridDim.y, b = blockIdx.y * gridDim.x + blockIdx.x;
+    unsigned int per = (bytes / blocks + 15u) & ~15u;
+    unsigned int at = b * per;
+    if (bytes == 0 || at >= bytes) return;
+    unsigned int size = min(per, bytes - at);
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p + at), "r"(size)
+                 : "memory");
+#endif
+}
+
 // x · wᵀ for r < R rows of x (S::T, [R, k]), j < n rows of w (format W, see WFloat), with f32
 // accumulation, through `epilogue`: decode's matrix-vector products, each weight read once
 // (16-byte pieces) for all R rows. `wpr` warps (1, 2, 4 or 8) share a weight row, each summing
 // every wpr-th piece of it, so a matrix with few long rows still has enough loads in flight;
 // blocks of 256 threads hold 8 / wpr rows.
+//
+// `next`, `next_bytes`: the start of the next product's matrix, which each block asks L2 for a
+// slice of as it leaves (cp.async.bulk.prefetch.L2, sm_90 on), so the memory keeps streaming
+// through the end of this kernel and the start of the next; 0 bytes for none.
 template <class S, class W, int R>
 __device__ void gemv(const typename S::T* __restrict__ x, const unsigned char* __restrict__ w,
                      const unsigned short* __restrict__ scales, int n, int k, int wpr,
-                     const Epi<S>& e) {
+                     const unsigned char* next, unsigned int next_bytes, const Epi<S>& e) {
     __shared__ float red[8 * R];
     __shared__ float fin[8][R];
     pdl_launch_next();
@@ -1532,6 +1550,7 @@ __device__ void gemv(const typename S::T* __restrict__ x, const unsigned char* _
             finish(lane, v);
         }
     }
+    if (tid == 0) prefetch_slice_l2(next, next_bytes);
     if (!picking) return;
     __syncthreads();
     // One atomic per picked row and block: the best of its 8 / wpr weight rows.
@@ -1556,14 +1575,14 @@ __device__ void gemv(const typename S::T* __restrict__ x, const unsigned char* _
 // staging is needed. The warps meet in shared memory. With gridDim.y = KS > 1 (matrices with
 // too few tiles to fill the GPU) each block writes its tile's partial sums to `part`, and the
 // last of the tile's blocks adds them in ks order (the result does not depend on timing) and
-// resets the tile's count.
+// resets the tile's count. `next`, `next_bytes`: as in gemv.
 #define TC_WARPS 8
 #define TC_MT 1
 #define TC_UNROLL 4
 template <class S, int NT>
 __device__ void gemv_tc(const typename S::T* __restrict__ x, const typename S::T* __restrict__ w,
                         int rows, int n, int k, float* part, unsigned int* counts,
-                        const Epi<S>& e) {
+                        const unsigned char* next, unsigned int next_bytes, const Epi<S>& e) {
     const int MT = TC_MT, TR = 16 * MT, TC = 8 * NT, HALF = TC_WARPS / 2;
     const int ELEMS = TR * TC, PER = (ELEMS + 32 * TC_WARPS - 1) / (32 * TC_WARPS);
     __shared__ float red[HALF][TR][TC + 1];
@@ -1692,6 +1711,7 @@ __device__ void gemv_tc(const typename S::T* __restrict__ x, const typename S::T
         }
         v[q] = sum;
     }
+    if (tid == 0) prefetch_slice_l2(next, next_bytes);
     if (KS > 1) {
         float* tile_part = part + (size_t)tile * KS * ELEMS;
 #pragma unroll
@@ -1769,8 +1789,9 @@ __device__ void epilogue_rows(const float* y, int rows, int n, const Epi<S>& e) 
 #define GEMV(S, W, name, R)                                                                   \
     extern "C" __global__ void gemv##R##_##name(const S::T* x, const unsigned char* w,        \
                                                 const unsigned short* scales, int n, int k,   \
-                                                int wpr, EPI_PARAMS(S)) {                     \
-        gemv<S, W, R>(x, w, scales, n, k, wpr, EPI_VALUE(S));                                 \
+                                                int wpr, const unsigned char* next,           \
+                                                unsigned int next_bytes, EPI_PARAMS(S)) {     \
+        gemv<S, W, R>(x, w, scales, n, k, wpr, next, next_bytes, EPI_VALUE(S));               \
     }
 #define WEIGHT_KERNELS(S, W, name)                                                            \
     extern "C" __global__ void embed_##name(const int* tokens, const int* pos,                \
@@ -1859,8 +1880,9 @@ WEIGHT_KERNELS(BF16, WFloat<BF16>, bf16)
 #define GEMV_TC(S, name, NT)                                                                  \
     extern "C" __global__ void __launch_bounds__(32 * TC_WARPS, 2)                             \
         gemv_tc##NT##_##name(const S::T* x, const S::T* w, int rows, int n, int k,            \
-                             float* part, unsigned int* counts, EPI_PARAMS(S)) {              \
-        gemv_tc<S, NT>(x, w, rows, n, k, part, counts, EPI_VALUE(S));                         \
+                             float* part, unsigned int* counts, const unsigned char* next,    \
+                             unsigned int next_bytes, EPI_PARAMS(S)) {                        \
+        gemv_tc<S, NT>(x, w, rows, n, k, part, counts, next, next_bytes, EPI_VALUE(S));       \
     }
 GEMV_TC(F16, f16, 1) GEMV_TC(F16, f16, 2) GEMV_TC(F16, f16, 4) GEMV_TC(F16, f16, 8)
 GEMV_TC(BF16, bf16, 1) GEMV_TC(BF16, bf16, 2) GEMV_TC(BF16, bf16, 4) GEMV_TC(BF16, bf16, 8)

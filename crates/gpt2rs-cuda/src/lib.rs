@@ -15,7 +15,8 @@
 //! prompt chunks' attention on the tensor cores (f16 / bf16); longer passes' residual and MLP
 //! products with cuBLASLt's fused epilogues, and a single prompt's queries, keys and values
 //! written by cuBLASLt straight into q and the cache; f16 / bf16 products of 6 to 8 rows on the tensor
-//! cores (its kernels take up to 64, but above 8 cuBLAS is faster at gpt2-xl's width). A
+//! cores (its kernels take up to 64, but above 8 cuBLAS is faster at gpt2-xl's width), and
+//! matrix-vector kernels that start the next product's matrix into L2 as they finish. A
 //! persistent kernel for batch-1 decode (decode_step.cu: every layer in one launch, weights
 //! streamed by bulk copies) is correct but slower than the kernel-by-kernel path so far, so it
 //! runs only when asked (GPT2RS_CUDA_STEP=1). Not yet: batch-1 decode at the speed
