@@ -1786,11 +1786,17 @@ __device__ void epilogue_rows(const float* y, int rows, int n, const Epi<S>& e) 
     }
 
 // The kernels of a weight format W with activations S, named for the format.
+// GEMV1_MIN_BLOCKS=B (GPT2RS_CUDA_DEFINES, for measurements) holds the one-row kernels to
+// the registers of B blocks a multiprocessor; the engine's warps a row follow the occupancy.
+#ifdef GEMV1_MIN_BLOCKS
+#define GEMV_BOUNDS(R) __launch_bounds__(256, (R) == 1 ? GEMV1_MIN_BLOCKS : 1)
+#else
+#define GEMV_BOUNDS(R)
+#endif
 #define GEMV(S, W, name, R)                                                                   \
-    extern "C" __global__ void gemv##R##_##name(const S::T* x, const unsigned char* w,        \
-                                                const unsigned short* scales, int n, int k,   \
-                                                int wpr, const unsigned char* next,           \
-                                                unsigned int next_bytes, EPI_PARAMS(S)) {     \
+    extern "C" __global__ void GEMV_BOUNDS(R) gemv##R##_##name(                               \
+        const S::T* x, const unsigned char* w, const unsigned short* scales, int n, int k,    \
+        int wpr, const unsigned char* next, unsigned int next_bytes, EPI_PARAMS(S)) {         \
         gemv<S, W, R>(x, w, scales, n, k, wpr, next, next_bytes, EPI_VALUE(S));               \
     }
 #define WEIGHT_KERNELS(S, W, name)                                                            \
