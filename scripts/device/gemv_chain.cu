@@ -39,75 +39,16 @@ __global__ void fill_f16(unsigned short* p, size_t n, unsigned seed) {
 }
 
 // Each lane reads all of its NP pieces of the warp's share of the row before the wait; `wpr`
-// warps share a row. PF: at the end each block asks L2 for its slice of the next matrix's
-// first pf_bytes (cp.async.bulk.prefetch.L2).
-template <int NP>
-__device__ void prod_all(const unsigned short* __restrict__ x, const unsigned char* __restrict__ w,
-                         int n, int k, int wpr, const unsigned char* pf, unsigned pf_bytes,
-                         const Epi<F16>& e) {
-    __shared__ float red[8];
-    pdl_launch_next();
-    int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    int j = blockIdx.x * (8 / wpr) + warp / wpr, slice = warp % wpr;
-    bool live = j < n;
-    int jr = live ? j : 0;
-    const uint4* wr = (const uint4*)(w + (size_t)jr * k * 2);
-    int pieces = k / 8, step = wpr * 32, first = slice * 32 + lane;
-    uint4 pre[NP];
-#pragma unroll
-    for (int p = 0; p < NP; p++) {
-        int i = first + p * step;
-        pre[p] = live && i < pieces ? __ldg(wr + i) : make_uint4(0, 0, 0, 0);
-    }
-    pdl_wait();
-    float acc[1] = {0.f};
-#pragma unroll
-    for (int p = 0; p < NP; p++) {
-        int i = first + p * step;
-        if (i < pieces) WFloat<F16>::fma<F16, 1>(pre[p], i, nullptr, x, k, acc);
-    }
-    for (int o = 16; o > 0; o >>= 1) acc[0] += __shfl_xor_sync(FULL_MASK, acc[0], o);
-    if (wpr == 1) {
-        if (live && lane == 0) epilogue<F16>(e, acc[0], 0, j, n);
-    } else {
-        if (lane == 0) red[warp] = acc[0];
-        __syncthreads();
-        if (live && slice == 0 && lane == 0) {
-            float v = 0.f;
-            for (int s2 = 0; s2 < wpr; s2++) v += red[warp + s2];
-            epilogue<F16>(e, v, 0, j, n);
-        }
-    }
-    if (pf_bytes && tid == 0) {
-        unsigned per = (pf_bytes / gridDim.x + 15) & ~15u;
-        size_t at = (size_t)blockIdx.x * per;
-        if (at < pf_bytes) {
-            unsigned size = min((size_t)per, pf_bytes - at);
-            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(pf + at), "r"(size)
-                         : "memory");
-        }
-    }
-}
-
-#define PROD_ALL(NP)                                                                       \
-    extern "C" __global__ void __launch_bounds__(256) prod_all##NP(                        \
-        const unsigned short* x, const unsigned char* w, int n, int k, int wpr,             \
-        const unsigned char* pf, unsigned pf_bytes, EPI_PARAMS(F16)) {                      \
-        prod_all<NP>(x, w, n, k, wpr, pf, pf_bytes, EPI_VALUE(F16));                        \
-    }
-PROD_ALL(4)
-PROD_ALL(7)
-PROD_ALL(13)
-
-// prod_all<NP> whose activations are the layer norm of the f32 residual stream xres, which
-// each block computes for itself into shared memory (no norm kernel before it).
-template <int NP>
-__device__ void prod_ln(const float* __restrict__ xres, const float* __restrict__ gamma,
-                        const float* __restrict__ beta, float eps,
-                        const unsigned char* __restrict__ w, int n, int k, int wpr,
-                        const unsigned char* pf, unsigned pf_bytes, const Epi<F16>& e) {
-    extern __shared__ uint4 h_shared[];
-    unsigned short* hs = (unsigned short*)h_shared + 2 * k;
+// warps share a row. At the end each block asks L2 for its slice of the next matrix's first
+// pf_bytes (kernels.cu's prefetch_slice_l2). NORM: the activations are the layer norm of the
+// f32 residual stream xres, which each block computes for itself into shared memory (so no
+// norm kernel runs before it); otherwise x.
+template <int NP, bool NORM>
+__device__ void prod_all(const unsigned short* __restrict__ x, const float* __restrict__ xres,
+                         const float* __restrict__ gamma, const float* __restrict__ beta,
+                         float eps, const unsigned char* __restrict__ w, int n, int k, int wpr,
+                         const unsigned char* pf, unsigned pf_bytes, const Epi<F16>& e) {
+    extern __shared__ uint4 row_shared[];
     __shared__ float red[32];
     pdl_launch_next();
     int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -123,10 +64,11 @@ __device__ void prod_ln(const float* __restrict__ xres, const float* __restrict_
         pre[p] = live && i < pieces ? __ldg(wr + i) : make_uint4(0, 0, 0, 0);
     }
     pdl_wait();
-    {
+    if (NORM) {
         // The row in f32 in shared memory, then its norm in f16 after it: each thread sums
         // the same elements in the same order as the layernorm kernel.
-        float* xs = (float*)h_shared;
+        float* xs = (float*)row_shared;
+        unsigned short* hs = (unsigned short*)row_shared + 2 * k;
         float sum = 0.f;
         for (int i = tid; i < k; i += 256) {
             float v = xres[i];
@@ -139,19 +81,22 @@ __device__ void prod_ln(const float* __restrict__ xres, const float* __restrict_
             d2 += d * d;
         }
         float inv = rsqrtf(block_sum(d2, red) / k + eps);
-        for (int i = tid; i < k; i += 256) hs[i] = F16::store((xs[i] - mean) * inv * gamma[i] + beta[i]);
+        for (int i = tid; i < k; i += 256)
+            hs[i] = F16::store((xs[i] - mean) * inv * gamma[i] + beta[i]);
         __syncthreads();
+        x = hs;
     }
     float acc[1] = {0.f};
 #pragma unroll
     for (int p = 0; p < NP; p++) {
         int i = first + p * step;
-        if (i < pieces) WFloat<F16>::fma<F16, 1>(pre[p], i, nullptr, hs, k, acc);
+        if (i < pieces) WFloat<F16>::fma<F16, 1>(pre[p], i, nullptr, x, k, acc);
     }
     for (int o = 16; o > 0; o >>= 1) acc[0] += __shfl_xor_sync(FULL_MASK, acc[0], o);
     if (wpr == 1) {
         if (live && lane == 0) epilogue<F16>(e, acc[0], 0, j, n);
     } else {
+        if (NORM) __syncthreads();  // the norm's block_sum is done with red
         if (lane == 0) red[warp] = acc[0];
         __syncthreads();
         if (live && slice == 0 && lane == 0) {
@@ -160,20 +105,25 @@ __device__ void prod_ln(const float* __restrict__ xres, const float* __restrict_
             epilogue<F16>(e, v, 0, j, n);
         }
     }
-    if (pf_bytes && tid == 0) {
-        unsigned per = (pf_bytes / gridDim.x + 15) & ~15u;
-        size_t at = (size_t)blockIdx.x * per;
-        if (at < pf_bytes) {
-            unsigned size = min((size_t)per, pf_bytes - at);
-            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(pf + at), "r"(size)
-                         : "memory");
-        }
-    }
+    if (tid == 0) prefetch_slice_l2(pf, pf_bytes);
 }
+
+#define PROD_ALL(NP)                                                                       \
+    extern "C" __global__ void __launch_bounds__(256) prod_all##NP(                        \
+        const unsigned short* x, const unsigned char* w, int n, int k, int wpr,             \
+        const unsigned char* pf, unsigned pf_bytes, EPI_PARAMS(F16)) {                      \
+        prod_all<NP, false>(x, nullptr, nullptr, nullptr, 0.f, w, n, k, wpr, pf, pf_bytes,  \
+                            EPI_VALUE(F16));                                                \
+    }
+PROD_ALL(4)
+PROD_ALL(7)
+PROD_ALL(13)
+
 extern "C" __global__ void __launch_bounds__(256) prod_ln7(
     const float* xres, const float* gamma, const float* beta, float eps, const unsigned char* w,
     int n, int k, int wpr, const unsigned char* pf, unsigned pf_bytes, EPI_PARAMS(F16)) {
-    prod_ln<7>(xres, gamma, beta, eps, w, n, k, wpr, pf, pf_bytes, EPI_VALUE(F16));
+    prod_all<7, true>(nullptr, xres, gamma, beta, eps, w, n, k, wpr, pf, pf_bytes,
+                      EPI_VALUE(F16));
 }
 
 // Only reads (no activations, no arithmetic but a xor): the bound the products approach.
