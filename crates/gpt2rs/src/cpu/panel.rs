@@ -75,7 +75,10 @@ pub unsafe fn xt_wt(
         }
     };
     #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("no panel kernels for {isa:?} here");
+    {
+        let _ = (out, ldo);
+        unreachable!("no panel kernels for {isa:?} here");
+    }
 }
 
 /// One module of kernels for a vector type of `$lanes` floats: `$nr[mv - 1]` weight rows per
