@@ -1786,20 +1786,27 @@ __device__ void epilogue_rows(const float* y, int rows, int n, const Epi<S>& e) 
     }
 
 // The kernels of a weight format W with activations S, named for the format.
-// GEMV1_MIN_BLOCKS=B (GPT2RS_CUDA_DEFINES, for measurements) holds the one-row kernels to
-// the registers of B blocks a multiprocessor; the engine's warps a row follow the occupancy.
-#ifdef GEMV1_MIN_BLOCKS
-#define GEMV_BOUNDS(R) __launch_bounds__(256, (R) == 1 ? GEMV1_MIN_BLOCKS : 1)
+// B: the one-row kernels are held to the registers of B blocks a multiprocessor (0: no bound);
+// the engine's warps a row follow the occupancy. Measured on the H200 (thirteenth session):
+// B = 6 took f16 and int8 decode 1-5% faster, slowed int4 by 7%; 8 was slower everywhere.
+// For measurements (GPT2RS_CUDA_DEFINES): GEMV1_MIN_BLOCKS=B sets B for every format,
+// GEMV1_UNBOUNDED drops the bound everywhere.
+#if defined(GEMV1_MIN_BLOCKS)
+#define GEMV_BOUNDS(R, B) __launch_bounds__(256, (R) == 1 ? GEMV1_MIN_BLOCKS : 1)
+#elif defined(GEMV1_UNBOUNDED)
+#define GEMV_BOUNDS(R, B)
 #else
-#define GEMV_BOUNDS(R)
+#define GEMV_BOUNDS(R, B) GEMV_BOUNDS_##B(R)
 #endif
-#define GEMV(S, W, name, R)                                                                   \
-    extern "C" __global__ void GEMV_BOUNDS(R) gemv##R##_##name(                               \
+#define GEMV_BOUNDS_0(R)
+#define GEMV_BOUNDS_6(R) __launch_bounds__(256, (R) == 1 ? 6 : 1)
+#define GEMV(S, W, name, R, B)                                                                \
+    extern "C" __global__ void GEMV_BOUNDS(R, B) gemv##R##_##name(                            \
         const S::T* x, const unsigned char* w, const unsigned short* scales, int n, int k,    \
         int wpr, const unsigned char* next, unsigned int next_bytes, EPI_PARAMS(S)) {         \
         gemv<S, W, R>(x, w, scales, n, k, wpr, next, next_bytes, EPI_VALUE(S));               \
     }
-#define WEIGHT_KERNELS(S, W, name)                                                            \
+#define WEIGHT_KERNELS(S, W, name, B)                                                         \
     extern "C" __global__ void embed_##name(const int* tokens, const int* pos,                \
                                             const unsigned char* wte,                         \
                                             const unsigned short* wte_scales,                 \
@@ -1808,8 +1815,9 @@ __device__ void epilogue_rows(const float* y, int rows, int n, const Epi<S>& e) 
         PDL_START();                                                                          \
         embed<W>(tokens, pos, wte, wte_scales, wpe, x, c, picks, n_picks);                    \
     }                                                                                         \
-    GEMV(S, W, name, 1) GEMV(S, W, name, 2) GEMV(S, W, name, 3) GEMV(S, W, name, 4)           \
-    GEMV(S, W, name, 5) GEMV(S, W, name, 6) GEMV(S, W, name, 7) GEMV(S, W, name, 8)
+    GEMV(S, W, name, 1, B) GEMV(S, W, name, 2, B) GEMV(S, W, name, 3, B)                      \
+    GEMV(S, W, name, 4, B) GEMV(S, W, name, 5, B) GEMV(S, W, name, 6, B)                      \
+    GEMV(S, W, name, 7, B) GEMV(S, W, name, 8, B)
 
 #define ATTENTION(S, name, G)                                                                 \
     extern "C" __global__ void attention##G##_##name(                                         \
@@ -1879,9 +1887,9 @@ INSTANTIATE(F32, f32)
 INSTANTIATE(F16, f16)
 INSTANTIATE(BF16, bf16)
 
-WEIGHT_KERNELS(F32, WFloat<F32>, f32)
-WEIGHT_KERNELS(F16, WFloat<F16>, f16)
-WEIGHT_KERNELS(BF16, WFloat<BF16>, bf16)
+WEIGHT_KERNELS(F32, WFloat<F32>, f32, 0)
+WEIGHT_KERNELS(F16, WFloat<F16>, f16, 6)
+WEIGHT_KERNELS(BF16, WFloat<BF16>, bf16, 6)
 // Tensor-core products of up to 64 rows (see gemv_tc) for f16 and bf16 weights.
 #define GEMV_TC(S, name, NT)                                                                  \
     extern "C" __global__ void __launch_bounds__(32 * TC_WARPS, 2)                             \
@@ -1893,13 +1901,13 @@ WEIGHT_KERNELS(BF16, WFloat<BF16>, bf16)
 GEMV_TC(F16, f16, 1) GEMV_TC(F16, f16, 2) GEMV_TC(F16, f16, 4) GEMV_TC(F16, f16, 8)
 GEMV_TC(BF16, bf16, 1) GEMV_TC(BF16, bf16, 2) GEMV_TC(BF16, bf16, 4) GEMV_TC(BF16, bf16, 8)
 // Integer weights run with f16 activations (and KV cache), and expand into f16 for cuBLAS.
-#define QUANT_KERNELS(W, name)                                                                \
-    WEIGHT_KERNELS(F16, W, name)                                                              \
+#define QUANT_KERNELS(W, name, B)                                                             \
+    WEIGHT_KERNELS(F16, W, name, B)                                                           \
     extern "C" __global__ void dequantize_##name(const unsigned char* w,                      \
                                                  const unsigned short* scales, int n, int k,  \
                                                  F16::T* out) {                               \
         PDL_START();                                                                          \
         dequantize<F16, W>(w, scales, n, k, out);                                             \
     }
-QUANT_KERNELS(Q8, q8)
-QUANT_KERNELS(Q4, q4)
+QUANT_KERNELS(Q8, q8, 6)
+QUANT_KERNELS(Q4, q4, 0)
