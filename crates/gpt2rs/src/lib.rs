@@ -27,6 +27,7 @@ pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod hub;
+mod huge_pages;
 pub mod memory;
 pub mod model;
 pub mod pick;

@@ -27,6 +27,11 @@ pub enum Buf<T: Pod> {
 }
 
 impl<T: Pod> Buf<T> {
+    /// Owns `data`, moved onto huge pages where the system has them (see `huge_pages`).
+    pub fn owned(data: Vec<T>) -> Self {
+        Self::Owned(crate::huge_pages::rehome(data))
+    }
+
     /// Views `bytes` bytes at `offset` of `map` as `T`s when aligned (and on a little-endian
     /// machine, which the files are); otherwise copies them into an owned buffer.
     pub fn from_map(map: &Arc<Mmap>, offset: usize, bytes: usize) -> Self {
@@ -49,7 +54,7 @@ impl<T: Pod> Buf<T> {
             std::ptr::copy_nonoverlapping(src.as_ptr(), v.as_mut_ptr() as *mut u8, bytes);
             v.set_len(bytes / size);
         }
-        Self::Owned(v)
+        Self::owned(v)
     }
 
     /// Whether the elements are read in place from a file.

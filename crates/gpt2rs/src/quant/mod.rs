@@ -183,7 +183,7 @@ impl QMatrix {
             DType::F32 => Self {
                 rows: m.rows,
                 cols: m.cols,
-                data: QData::F32(Buf::Owned(m.data)),
+                data: QData::F32(Buf::owned(m.data)),
             },
             _ => Self::quantize(&m, dtype),
         }
@@ -192,11 +192,11 @@ impl QMatrix {
     /// Converts an f32 matrix to `dtype`.
     pub fn quantize(m: &Matrix, dtype: DType) -> Self {
         let data = match dtype {
-            DType::F32 => QData::F32(Buf::Owned(m.data.clone())),
-            DType::F16 => QData::F16(Buf::Owned(
+            DType::F32 => QData::F32(Buf::owned(m.data.clone())),
+            DType::F16 => QData::F16(Buf::owned(
                 m.data.iter().map(|&v| f16::from_f32(v).to_bits()).collect(),
             )),
-            DType::Bf16 => QData::Bf16(Buf::Owned(
+            DType::Bf16 => QData::Bf16(Buf::owned(
                 m.data
                     .iter()
                     .map(|&v| bf16::from_f32(v).to_bits())
@@ -215,8 +215,8 @@ impl QMatrix {
                     }
                 }
                 QData::Int8 {
-                    q: Buf::Owned(q),
-                    scales: Buf::Owned(scales),
+                    q: Buf::owned(q),
+                    scales: Buf::owned(scales),
                 }
             }
             DType::Int4 => {
@@ -232,8 +232,8 @@ impl QMatrix {
                     }
                 }
                 QData::Int4 {
-                    q: Buf::Owned(q),
-                    scales: Buf::Owned(scales),
+                    q: Buf::owned(q),
+                    scales: Buf::owned(scales),
                 }
             }
         };

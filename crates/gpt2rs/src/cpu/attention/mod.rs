@@ -37,6 +37,9 @@ pub fn attend(
         if groups.len() < places.len() {
             return attend_grouped(qkv, places, &groups, layer, n_head, scale, out);
         }
+        if places.len() >= rayon::current_num_threads() {
+            return attend_by_rows(qkv, places, layer, n_head, scale, out);
+        }
     }
     out.par_chunks_mut(d)
         .with_min_len(4)
@@ -158,6 +161,65 @@ fn attend_grouped(
     });
 }
 
+/// Cached positions that every head of a row goes over before the next ones: 16 rows of
+/// gpt2's 768-wide cache are 48 KB, an L1's worth.
+#[cfg(target_arch = "x86_64")]
+const POSITION_BLOCK: usize = 16;
+
+/// [`attend`] with one task per row (decode rows, each of its own sequence): the row's keys
+/// and values are read in blocks of POSITION_BLOCK positions, all heads over a block while
+/// it is in cache, so each cached row is one sequential read rather than a strided 256-byte
+/// slice per head (gpt2 f32, batch 32, contexts 16-112 on the development VM: steps 3%
+/// shorter, four runs of four).
+#[cfg(target_arch = "x86_64")]
+fn attend_by_rows(
+    qkv: &[f32],
+    places: &[RowPlace<'_>],
+    layer: usize,
+    n_head: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let width = out.len() / places.len();
+    let d = width / n_head;
+    out.par_chunks_mut(width)
+        .zip(places)
+        .enumerate()
+        .for_each(|(t, (out, place))| {
+            let n = place.pos + 1;
+            let (keys, values) = (place.cache.keys(layer), place.cache.values(layer));
+            assert!(keys.len() >= n * width && values.len() >= n * width);
+            let q = &qkv[t * 3 * width..][..width];
+            SCORES.with_borrow_mut(|scores| {
+                scores.resize(n_head * n, 0.0);
+                // SAFETY: supports(d) checked AVX2+FMA and d % 8 == 0; from position s0 on,
+                // head h's keys and values hold (n - s0 - 1) * width + d values (checked
+                // above), which covers every block.
+                unsafe {
+                    for s0 in (0..n).step_by(POSITION_BLOCK) {
+                        let len = POSITION_BLOCK.min(n - s0);
+                        for (h, scores) in scores.chunks_exact_mut(n).enumerate() {
+                            let keys = &keys[s0 * width + h * d..];
+                            let dst = &mut scores[s0..s0 + len];
+                            x86::scores(&q[h * d..][..d], keys, width, scale, dst);
+                        }
+                    }
+                    for scores in scores.chunks_exact_mut(n) {
+                        simd::softmax(scores);
+                    }
+                    for s0 in (0..n).step_by(POSITION_BLOCK) {
+                        let len = POSITION_BLOCK.min(n - s0);
+                        for (h, out) in out.chunks_exact_mut(d).enumerate() {
+                            let weights = &scores[h * n + s0..][..len];
+                            let values = &values[s0 * width + h * d..];
+                            x86::weighted_sum(weights, values, width, out, s0 > 0);
+                        }
+                    }
+                }
+            });
+        });
+}
+
 /// One head of one row: `out = softmax(scale · q·Kᵀ) · V` over `scores.len()` positions, keys
 /// and values at row stride `stride` (the head's slice of each cached row).
 fn head_attention(
@@ -178,7 +240,7 @@ fn head_attention(
         unsafe {
             x86::scores(q, keys, stride, scale, scores);
             simd::softmax(scores);
-            x86::weighted_sum(scores, values, stride, out);
+            x86::weighted_sum(scores, values, stride, out, false);
         }
         return;
     }
@@ -204,6 +266,82 @@ mod tests {
         for (n_head, d, len) in [(25, 64, 7), (3, 40, 9), (2, 12, 5), (4, 64, 70)] {
             check_against_naive(n_head, d, len);
         }
+    }
+
+    #[test]
+    fn decode_rows_of_many_sequences_match_naive_attention() {
+        // One new row per sequence, caches of awkward lengths (inside a position block, on
+        // its edge, past several), at gpt2-xl's layout, heads of 40 and the portable path.
+        let lens = [1, 15, 16, 17, 40, 70, 3];
+        for (n_head, d) in [(25, 64), (3, 40), (2, 12)] {
+            let width = n_head * d;
+            let val = |i: usize| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 2.0;
+            let mut caches = vec![];
+            let mut qkv = vec![];
+            for (i, &len) in lens.iter().enumerate() {
+                let rows: Vec<f32> = (0..len * 3 * width).map(|j| val(j + i * 977)).collect();
+                let mut cache = SeqCache::new(1);
+                for r in rows.chunks_exact(3 * width) {
+                    cache.append(0, &r[width..2 * width], &r[2 * width..], width);
+                }
+                qkv.extend_from_slice(&rows[(len - 1) * 3 * width..]);
+                caches.push(cache);
+            }
+            let places: Vec<RowPlace> = caches
+                .iter()
+                .zip(lens)
+                .map(|(cache, len)| RowPlace {
+                    cache,
+                    pos: len - 1,
+                })
+                .collect();
+            let scale = 1.0 / (d as f32).sqrt();
+            let mut out = vec![0f32; lens.len() * width];
+            attend(&qkv, &places, 0, n_head, scale, &mut out);
+            for (t, place) in places.iter().enumerate() {
+                for h in 0..n_head {
+                    let q = &qkv[t * 3 * width + h * d..][..d];
+                    let key = |s: usize| &place.cache.keys(0)[s * width + h * d..][..d];
+                    let value = |s: usize| &place.cache.values(0)[s * width + h * d..][..d];
+                    let want = naive_head(q, place.pos, &key, &value, scale as f64);
+                    let got = &out[t * width + h * d..][..d];
+                    for (j, (g, w)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (*g as f64 - w).abs() < 1e-5,
+                            "t={t} h={h} j={j}: {g} vs {w}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// softmax(q·Kᵀ · scale) · V over positions 0..=pos, in f64.
+    fn naive_head<'a>(
+        q: &[f32],
+        pos: usize,
+        key: &dyn Fn(usize) -> &'a [f32],
+        value: &dyn Fn(usize) -> &'a [f32],
+        scale: f64,
+    ) -> Vec<f64> {
+        let scores: Vec<f64> = (0..=pos)
+            .map(|s| {
+                q.iter()
+                    .zip(key(s))
+                    .map(|(a, b)| *a as f64 * *b as f64)
+                    .sum::<f64>()
+                    * scale
+            })
+            .collect();
+        let m = scores.iter().copied().fold(f64::MIN, f64::max);
+        let z: f64 = scores.iter().map(|s| (s - m).exp()).sum();
+        (0..q.len())
+            .map(|j| {
+                (0..=pos)
+                    .map(|s| (scores[s] - m).exp() / z * value(s)[j] as f64)
+                    .sum()
+            })
+            .collect()
     }
 
     fn check_against_naive(n_head: usize, d: usize, len: usize) {

@@ -64,26 +64,34 @@ pub unsafe fn scores(q: &[f32], keys: &[f32], stride: usize, scale: f32, scores:
     }
 }
 
-/// `out = Σ_s weights[s] · values[s * stride ..][..d]`, `d = out.len()`.
+/// `out = Σ_s weights[s] · values[s * stride ..][..d]`, `d = out.len()` (with `accumulate`,
+/// `out +=` that sum).
 ///
 /// # Safety
 /// AVX2+FMA present, `d` a multiple of 8, and `values` holding
 /// `(weights.len() - 1) * stride + d` values.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn weighted_sum(weights: &[f32], values: &[f32], stride: usize, out: &mut [f32]) {
+pub unsafe fn weighted_sum(
+    weights: &[f32],
+    values: &[f32],
+    stride: usize,
+    out: &mut [f32],
+    accumulate: bool,
+) {
     let d = out.len();
     let mut c = 0;
     // Up to 64 output values (8 registers) at a time; GPT-2's heads are exactly 64.
     while c < d {
+        let a = accumulate;
         match (d - c) / 8 {
-            1 => weighted_sum_part::<1>(weights, values, stride, c, out),
-            2 => weighted_sum_part::<2>(weights, values, stride, c, out),
-            3 => weighted_sum_part::<3>(weights, values, stride, c, out),
-            4 => weighted_sum_part::<4>(weights, values, stride, c, out),
-            5 => weighted_sum_part::<5>(weights, values, stride, c, out),
-            6 => weighted_sum_part::<6>(weights, values, stride, c, out),
-            7 => weighted_sum_part::<7>(weights, values, stride, c, out),
-            _ => weighted_sum_part::<8>(weights, values, stride, c, out),
+            1 => weighted_sum_part::<1>(weights, values, stride, c, out, a),
+            2 => weighted_sum_part::<2>(weights, values, stride, c, out, a),
+            3 => weighted_sum_part::<3>(weights, values, stride, c, out, a),
+            4 => weighted_sum_part::<4>(weights, values, stride, c, out, a),
+            5 => weighted_sum_part::<5>(weights, values, stride, c, out, a),
+            6 => weighted_sum_part::<6>(weights, values, stride, c, out, a),
+            7 => weighted_sum_part::<7>(weights, values, stride, c, out, a),
+            _ => weighted_sum_part::<8>(weights, values, stride, c, out, a),
         }
         c += 64;
     }
@@ -97,9 +105,15 @@ unsafe fn weighted_sum_part<const V: usize>(
     stride: usize,
     c: usize,
     out: &mut [f32],
+    accumulate: bool,
 ) {
     let pv = values.as_ptr().add(c);
     let mut acc = [_mm256_setzero_ps(); V];
+    if accumulate {
+        for (i, acc) in acc.iter_mut().enumerate() {
+            *acc = _mm256_loadu_ps(out.as_ptr().add(c + 8 * i));
+        }
+    }
     for (s, &p) in weights.iter().enumerate() {
         let pb = _mm256_set1_ps(p);
         for (i, acc) in acc.iter_mut().enumerate() {
