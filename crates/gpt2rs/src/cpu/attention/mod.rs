@@ -364,21 +364,8 @@ mod tests {
                 let q = &qkv[t * 3 * width + h * d..][..d];
                 let k = |s: usize| &qkv[s * 3 * width + width + h * d..][..d];
                 let v = |s: usize| &qkv[s * 3 * width + 2 * width + h * d..][..d];
-                let scores: Vec<f64> = (0..=t)
-                    .map(|s| {
-                        q.iter()
-                            .zip(k(s))
-                            .map(|(a, b)| *a as f64 * *b as f64)
-                            .sum::<f64>()
-                            * scale as f64
-                    })
-                    .collect();
-                let m = scores.iter().copied().fold(f64::MIN, f64::max);
-                let z: f64 = scores.iter().map(|s| (s - m).exp()).sum();
-                for j in 0..d {
-                    let want: f64 = (0..=t)
-                        .map(|s| (scores[s] - m).exp() / z * v(s)[j] as f64)
-                        .sum();
+                let want = naive_head(q, t, &k, &v, scale as f64);
+                for (j, &want) in want.iter().enumerate() {
                     let got = out[t * width + h * d + j] as f64;
                     assert!(
                         (got - want).abs() < 1e-5,
