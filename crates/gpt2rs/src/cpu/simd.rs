@@ -174,6 +174,11 @@ mod x86 {
         _mm_cvtss_f32(s)
     }
 
+    /// How far ahead `dot` asks for its second operand (the weights in decode): 2 KB, as the
+    /// compact formats' kernels. The hardware prefetcher alone left batch-1 f32 decode about
+    /// 7% slower (ten alternations on the development VM, 9 of 10 slower).
+    const PREFETCH_AHEAD: usize = 512;
+
     /// Σ a·b; `a` and `b` have the same length.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -182,6 +187,9 @@ mod x86 {
         let mut acc = [_mm256_setzero_ps(); 4];
         let mut i = 0;
         while i + 32 <= n {
+            let ahead = pb.wrapping_add(i + PREFETCH_AHEAD) as *const i8;
+            _mm_prefetch(ahead, _MM_HINT_T0);
+            _mm_prefetch(ahead.wrapping_add(64), _MM_HINT_T0);
             for (u, acc) in acc.iter_mut().enumerate() {
                 let o = i + 8 * u;
                 *acc =

@@ -94,6 +94,8 @@ unsafe fn half_rows<H: Half, const N: usize, const U: usize>(
     let mut acc = [[_mm256_setzero_ps(); N]; U];
     let mut i = 0;
     while i + 8 * U <= n {
+        // 16·U bytes a step: one prefetch covers a line for U = 4 (one row), repeats for less.
+        prefetch(pw.wrapping_add(i + PREFETCH / 2).cast());
         for (u, acc) in acc.iter_mut().enumerate() {
             let o = i + 8 * u;
             let wv = H::load8(pw.add(o));
