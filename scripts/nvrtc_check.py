@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Compiles crates/gpt2rs-cuda/src/kernels.cu and decode_step.cu with NVRTC, as the engine does at run time, on a
+"""Compiles crates/gpt2rs-cuda/src/kernels.cu, gemm_tc.cu and decode_step.cu with NVRTC, as the engine does at run time, on a
 machine without a GPU: catches compile errors before a device call.
 
     pip install nvidia-cuda-nvrtc        # NVRTC's libraries, no GPU or driver needed
@@ -16,7 +16,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # The engine compiles these as one source, in this order (device.rs's KERNELS).
 SOURCES = [
     os.path.join(HERE, "..", "crates", "gpt2rs-cuda", "src", name)
-    for name in ("kernels.cu", "decode_step.cu")
+    for name in ("kernels.cu", "gemm_tc.cu", "decode_step.cu")
 ]
 
 

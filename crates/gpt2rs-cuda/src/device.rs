@@ -8,7 +8,11 @@ use gpt2rs::{Error, Result};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-const KERNELS: &str = concat!(include_str!("kernels.cu"), include_str!("decode_step.cu"));
+const KERNELS: &str = concat!(
+    include_str!("kernels.cu"),
+    include_str!("gemm_tc.cu"),
+    include_str!("decode_step.cu")
+);
 /// Bytes of cuBLAS workspace (NVIDIA suggests 32 MiB on Hopper).
 pub(crate) const CUBLAS_WORKSPACE: usize = 32 << 20;
 
@@ -178,16 +182,27 @@ fn compile_kernels(major: i32, minor: i32) -> Result<Ptx> {
     Ok(ptx)
 }
 
-/// Macros defined for the kernels' compile, for measurements: GPT2RS_CUDA_DEFINES=NAME[=VALUE],…
-/// (e.g. STEP_PROFILE, see decode_step.cu). Empty by default.
+/// Macros defined for the kernels' compile: gemm_tc's stage count (see [`gemm_stages`]), and
+/// for measurements GPT2RS_CUDA_DEFINES=NAME[=VALUE],… (e.g. STEP_PROFILE, see decode_step.cu).
 fn kernel_defines() -> Vec<String> {
-    std::env::var("GPT2RS_CUDA_DEFINES")
+    let mut defines: Vec<String> = std::env::var("GPT2RS_CUDA_DEFINES")
         .unwrap_or_default()
         .split(',')
         .map(str::trim)
         .filter(|d| !d.is_empty())
         .map(String::from)
-        .collect()
+        .collect();
+    defines.push(format!("GEMM_STAGES={}", gemm_stages()));
+    defines
+}
+
+/// Shared-memory stages of gemm_tc.cu's products (the engine sizes their shared memory by
+/// it): GPT2RS_CUDA_GEMM_STAGES (2-8, for measurements), by default 4.
+pub(crate) fn gemm_stages() -> usize {
+    std::env::var("GPT2RS_CUDA_GEMM_STAGES")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .map_or(4, |s| s.clamp(2, 8))
 }
 
 /// `$XDG_CACHE_HOME/gpt2rs/kernels-<hash of the source, version, arch and defines>.ptx` (or

@@ -12,8 +12,9 @@
 
 use crate::decode_step::{DecodeStep, StepBuffers};
 use crate::device::{device_err, Device, CUBLAS_WORKSPACE};
-use crate::launch::{launch, Arg};
+use crate::launch::{launch, launch_in_clusters, Arg};
 use crate::lt::{Fused, Lt, Operands};
+use crate::tensor_cores::{self, TcKernel, TcKernels};
 use crate::weights::{DeviceMatrix, DeviceModel, MatrixFormat, Precision};
 use cudarc::cublas::sys::{
     cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t,
@@ -59,18 +60,6 @@ const DEFAULT_SHARED_BYTES: usize = 48 << 10;
 /// Up to this many rows, matrix products run as our matrix-vector kernels (each weight read
 /// once for all rows) or, in f16 / bf16, gemv_tc where it is faster; more go to cuBLAS.
 const GEMV_MAX_ROWS: usize = 8;
-/// kernels.cu's gemv_tc runs products of up to this many rows on the tensor cores (f16 / bf16
-/// weights, sm_80 on), each weight read once for all rows: kernels for up to 8, 16, 32, 64.
-const TC_MAX_ROWS: usize = 64;
-const TC_ROW_TILES: [usize; 4] = [8, 16, 32, 64];
-/// Where gemv_tc is the fastest path by default. Measured on an H200 (docs/benchmarks.md):
-/// from 6 rows the CUDA-core matrix-vector kernels are bound by their FMAs (gpt2-xl at 8
-/// rows: 3.76 ms a step against 2.6 on the tensor cores); above 8, cuBLAS wins at gpt2-xl's
-/// width (gpt2's gains to 16 rows).
-const TC_DEFAULT_ROWS: std::ops::RangeInclusive<usize> = 6..=8;
-/// Weight rows per gemv_tc block (16 · kernels.cu's TC_MT) and its threads (TC_WARPS warps).
-const TC_TILE: usize = 16;
-const TC_THREADS: u32 = 256;
 /// Decode batches up to this many sequences run as CUDA graphs.
 const MAX_GRAPH_ROWS: usize = 256;
 
@@ -187,8 +176,8 @@ struct Pass {
     h: u64,
     q: u64,
     att: u64,
-    /// gemv_tc's partial sums of a tile split along k, and per-tile counts of finished
-    /// blocks (zero between products); fixed sizes (see `tc_blocks`).
+    /// The tensor-core products' partial sums of a tile split along k, and per-tile counts of
+    /// finished blocks (zero between products); fixed sizes (see `TcKernels::split_needs`).
     tc_part: u64,
     tc_counts: u64,
     /// f32 products of cuBLAS before their epilogue (passes of more than GEMV_MAX_ROWS rows).
@@ -209,11 +198,8 @@ struct MatrixKernels {
     /// `resident_warps[r - 1]`: how many warps of it the whole GPU holds at once.
     resident_warps: Vec<usize>,
     embed: CudaFunction,
-    /// `tc[i]`: products of up to `TC_ROW_TILES[i]` rows on the tensor cores (f16 and bf16
-    /// weights on sm_80 and later).
-    tc: Option<Vec<CudaFunction>>,
-    /// `tc_resident[i]`: how many blocks of `tc[i]` the whole GPU holds at once.
-    tc_resident: Vec<usize>,
+    /// Products of short passes on the tensor cores (f16 and bf16 weights on sm_80 and later).
+    tc: Option<TcKernels>,
     /// Into f16 for cuBLAS (the integer formats).
     dequantize: Option<CudaFunction>,
 }
@@ -239,27 +225,11 @@ impl MatrixKernels {
                 MatrixFormat::Float(Precision::F16) | MatrixFormat::Float(Precision::Bf16)
             );
         let tc = tensor_cores
-            .then(|| {
-                TC_ROW_TILES
-                    .iter()
-                    .map(|r| f(&format!("gemv_tc{}", r / 8)))
-                    .collect::<Result<Vec<_>>>()
-            })
+            .then(|| TcKernels::load(dev, format.suffix()))
             .transpose()?;
-        let tc_resident = tc
-            .iter()
-            .flatten()
-            .map(|k| {
-                let blocks = k
-                    .occupancy_max_active_blocks_per_multiprocessor(TC_THREADS, 0, None)
-                    .map_err(device_err("reading a kernel's occupancy"))?;
-                Ok(blocks.max(1) as usize * dev.sm_count)
-            })
-            .collect::<Result<_>>()?;
         Ok(Self {
             gemv,
             resident_warps,
-            tc_resident,
             embed: f("embed")?,
             tc,
             dequantize: format.is_quantized().then(|| f("dequantize")).transpose()?,
@@ -317,11 +287,12 @@ impl Kernels {
         })
     }
 
-    /// The most gemv_tc blocks of any row count and format the GPU holds at once (what bounds
-    /// the split products' partial sums and counts), or 1.
-    fn tc_resident(&self) -> usize {
-        let most = self.matrices.iter().flat_map(|(_, m)| m.tc_resident.iter());
-        most.copied().max().unwrap_or(1)
+    /// Tile counts and floats of partial sums that the split tensor-core products of any
+    /// format need at most (see [`TcKernels::split_needs`]), or 1 and 1.
+    fn tc_split_needs(&self) -> (usize, usize) {
+        let each = self.matrices.iter().filter_map(|(_, m)| m.tc.as_ref());
+        each.map(TcKernels::split_needs)
+            .fold((1, 1), |(c, f), (c2, f2)| (c.max(c2), f.max(f2)))
     }
 
     /// The kernels that read `m`.
@@ -379,8 +350,9 @@ pub(crate) struct GpuEngine {
     use_graphs: bool,
     /// Programmatic dependent launch (Hopper and later).
     use_pdl: bool,
-    /// Pass lengths whose products run in gemv_tc (see [`tc_rows_setting`]).
+    /// Pass lengths whose products run in gemv_tc and in gemm_tc (see tensor_cores.rs).
     tc_rows: std::ops::RangeInclusive<usize>,
+    gemm_rows: std::ops::RangeInclusive<usize>,
     /// See [`Self::uses_attention_mma`].
     use_attention_mma: bool,
     /// See [`Self::attention_splits`].
@@ -458,7 +430,8 @@ impl GpuEngine {
             // GPT2RS_CUDA_GRAPHS=0 launches every kernel of every step (for comparisons).
             use_graphs: std::env::var("GPT2RS_CUDA_GRAPHS").map_or(true, |v| v != "0"),
             use_pdl,
-            tc_rows: tc_rows_setting(),
+            tc_rows: tensor_cores::gemv_tc_rows(),
+            gemm_rows: tensor_cores::gemm_tc_rows(),
             use_attention_mma,
             use_split,
             use_decode_attention,
@@ -479,11 +452,17 @@ impl GpuEngine {
         self.qkv_into_cache.get()
     }
 
-    /// Runs the products of passes of `rows` rows on the tensor cores (kernels.cu's gemv_tc,
-    /// within 1-64 rows; where it has kernels), instead of the default (TC_DEFAULT_ROWS) or
-    /// GPT2RS_CUDA_TC_ROWS; for tests and comparisons.
+    /// Runs the products of passes of `rows` rows (within 1-64) in kernels.cu's gemv_tc where
+    /// gemm_tc does not take them, instead of the default (6-8) or GPT2RS_CUDA_TC_ROWS; for
+    /// tests and comparisons.
     pub fn set_tensor_core_rows(&mut self, rows: std::ops::RangeInclusive<usize>) {
-        self.tc_rows = (*rows.start()).max(1)..=(*rows.end()).min(TC_MAX_ROWS);
+        self.tc_rows = tensor_cores::clamp_rows(rows);
+    }
+
+    /// Runs the products of passes of `rows` rows (within 1-64) in gemm_tc.cu's gemm_tc,
+    /// instead of the default (none) or GPT2RS_CUDA_GEMM_ROWS; for tests and comparisons.
+    pub fn set_streamed_rows(&mut self, rows: std::ops::RangeInclusive<usize>) {
+        self.gemm_rows = tensor_cores::clamp_rows(rows);
     }
 
     /// Whether one-row passes run every layer in one persistent kernel (decode_step.cu)
@@ -595,13 +574,9 @@ impl GpuEngine {
             args.extend(epi.args(p, c, n_layer, true));
             return self.launch(&kernels.gemv[rows - 1], cfg, &args);
         }
-        if let Some((tc, resident)) = tc {
-            let (tiles, ks) = tc_blocks(w, resident);
-            let cfg = LaunchConfig {
-                grid_dim: (tiles as u32, ks as u32, 1),
-                block_dim: (TC_THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
+        if let Some(tc) = tc {
+            let cfg = tc.launch_config(w);
+            let (cluster_arg, clusters) = tc.cluster_launch(&cfg);
             let mut args = vec![
                 Arg::Ptr(x),
                 Arg::Ptr(data),
@@ -614,7 +589,8 @@ impl GpuEngine {
                 Arg::Int(next_bytes as i32),
             ];
             args.extend(epi.args(p, c, n_layer, true));
-            return self.launch(tc, cfg, &args);
+            args.extend(cluster_arg);
+            return launch_in_clusters(&self.dev, self.use_pdl, &tc.f, cfg, &args, clusters);
         }
         // cuBLAS multiplies like with like: a quantized matrix is expanded first.
         let w_ptr = if let Some(dequantize) = &kernels.dequantize {
@@ -703,15 +679,12 @@ impl GpuEngine {
         )
     }
 
-    /// The tensor-core kernel for a product of `rows` rows with `w`, and how many of its blocks
-    /// the GPU holds at once, if it takes them: f16 / bf16 weights on sm_80 and later, a pass
-    /// length in `tc_rows`, k a multiple of 32.
-    fn tc_kernel(&self, rows: usize, w: &DeviceMatrix) -> Option<(&CudaFunction, usize)> {
-        let kernels = self.kernels.of(w);
-        let tc = kernels.tc.as_ref()?;
-        let fits = self.tc_rows.contains(&rows) && w.cols.is_multiple_of(32);
-        let i = TC_ROW_TILES.iter().position(|&t| rows <= t)?;
-        fits.then(|| (&tc[i], kernels.tc_resident[i]))
+    /// The tensor-core kernel for a product of `rows` rows with `w`, if one takes it: f16 /
+    /// bf16 weights on sm_80 and later, a pass length in `gemm_rows` or `tc_rows`, and k a
+    /// multiple of the kernel's step.
+    fn tc_kernel(&self, rows: usize, w: &DeviceMatrix) -> Option<&TcKernel> {
+        let tc = self.kernels.of(w).tc.as_ref()?;
+        tc.pick(rows, w.cols, &self.tc_rows, &self.gemm_rows)
     }
 
     /// Whether the LM head of a pass picks its plain-pick rows itself (its matrix-vector or
@@ -1403,20 +1376,6 @@ fn warps_per_row(rows: usize, row_bytes: usize, resident: usize) -> usize {
     wpr
 }
 
-/// gemv_tc's grid for `w` when the GPU holds `resident` of its blocks at once: tiles of
-/// TC_TILE weight rows, and blocks per tile along k. A matrix with fewer tiles than half the
-/// resident blocks is split along k (at most 8 ways, each block at least one step per warp)
-/// as far as one wave holds: a second wave would pay the memory latency again. So split
-/// matrices have tiles × splits within the resident blocks.
-fn tc_blocks(w: &DeviceMatrix, resident: usize) -> (usize, usize) {
-    let tiles = w.rows.div_ceil(TC_TILE);
-    if 2 * tiles > resident {
-        return (tiles, 1);
-    }
-    let most = (w.cols / 32 / (TC_THREADS as usize / 32)).clamp(1, 8);
-    (tiles, (resident / tiles).clamp(1, most))
-}
-
 /// How much of the next matrix the matrix-vector kernels start into L2: measured on an H200
 /// with gpt2-xl's products alone (scripts/device/gemv_chain.cu; docs/benchmarks.md,
 /// thirteenth session), 1-3 MB did equally well and 6 MB less.
@@ -1438,31 +1397,6 @@ fn l2_next_bytes(major: i32, kb: Option<&str>) -> usize {
     }
     kb.and_then(|v| v.trim().parse::<usize>().ok())
         .map_or(L2_NEXT_DEFAULT, |kb| kb.min(64 << 10) << 10)
-}
-
-/// The pass lengths whose products run on the tensor cores: GPT2RS_CUDA_TC_ROWS=lo-hi (within
-/// 1-64; `0` for none, for comparisons), by default TC_DEFAULT_ROWS.
-fn tc_rows_setting() -> std::ops::RangeInclusive<usize> {
-    let default = TC_DEFAULT_ROWS;
-    let Ok(v) = std::env::var("GPT2RS_CUDA_TC_ROWS") else {
-        return default;
-    };
-    let parsed = v.split_once('-').and_then(|(lo, hi)| {
-        Some((
-            lo.trim().parse::<usize>().ok()?,
-            hi.trim().parse::<usize>().ok()?,
-        ))
-    });
-    match parsed {
-        Some((lo, hi)) => lo.max(1)..=hi.min(TC_MAX_ROWS),
-        // No pass has 0 rows.
-        None => {
-            if v.trim() != "0" {
-                eprintln!("warning: GPT2RS_CUDA_TC_ROWS={v} is neither lo-hi nor 0: no products run on gemv_tc");
-            }
-            0..=0
-        }
-    }
 }
 
 /// Bytes of the per-pass inputs per row of scratch (see `forward`).
@@ -1804,11 +1738,8 @@ impl Engine for GpuEngine {
                 cap * cfg.n_head * splits * (cfg.head_dim() + 2) * 4,
             )?,
             split_counts: self.zeroed_scratch("split_counts", cap * cfg.n_head * 4)?,
-            tc_part: self.scratch(
-                "tc_part",
-                self.kernels.tc_resident() * TC_TILE * TC_MAX_ROWS * 4,
-            )?,
-            tc_counts: self.zeroed_scratch("tc_counts", self.kernels.tc_resident() * 4)?,
+            tc_part: self.scratch("tc_part", self.kernels.tc_split_needs().1 * 4)?,
+            tc_counts: self.zeroed_scratch("tc_counts", self.kernels.tc_split_needs().0 * 4)?,
             x: self.scratch("x", cap * c * 4)?,
             h: self.scratch("h", cap * c * es)?,
             q: self.scratch("q", cap * c * 4)?,

@@ -1565,6 +1565,91 @@ __device__ void gemv(const typename S::T* __restrict__ x, const unsigned char* _
     }
 }
 
+template <class S, int PER, int THREADS, int TR>
+__device__ void tile_epilogue(const float* v, int q_lo, int q_hi, int j0, int rows, int n,
+                              const Epi<S>& e, unsigned long long* best);
+
+// The end of a tensor-core product tile (gemv_tc, gemm_tc): v[q] is element
+// idx = threadIdx.x + q·THREADS of the block's TR × rows tile (weight row j0 + idx % TR, x row
+// idx / TR; consecutive threads take consecutive weight rows, so the epilogue's writes are
+// coalesced). With gridDim.y = KS > 1 each block of the tile leaves its partial sums in `part`
+// and the last to finish adds them in ks order (the result does not depend on timing) and
+// resets the tile's count. Then the epilogue, or the LM head's picks through `best` (TC keys,
+// cleared by the caller before a barrier). The block asks L2 for its slice of `next`.
+template <class S, int PER, int THREADS, int TR>
+__device__ void tile_finish(float* v, int j0, int rows, int n, float* part,
+                            unsigned int* counts, const unsigned char* next,
+                            unsigned int next_bytes, const Epi<S>& e, unsigned long long* best,
+                            bool* last) {
+    const int ELEMS = PER * THREADS;
+    int tid = threadIdx.x, tile = blockIdx.x, ks = blockIdx.y, KS = gridDim.y;
+    if (tid == 0) prefetch_slice_l2(next, next_bytes);
+    if (KS > 1) {
+        float* tile_part = part + (size_t)tile * KS * ELEMS;
+#pragma unroll
+        for (int q = 0; q < PER; q++) tile_part[(size_t)ks * ELEMS + tid + q * THREADS] = v[q];
+        __threadfence();
+        __syncthreads();
+        if (tid == 0) *last = atomicAdd(counts + tile, 1u) == (unsigned int)KS - 1;
+        __syncthreads();
+        if (!*last) return;
+        __threadfence();
+        // One split at a time, all of a thread's elements at once: PER loads in flight per
+        // round trip to L2 instead of one (the sums keep their ks order).
+#pragma unroll
+        for (int q = 0; q < PER; q++) v[q] = 0.f;
+        for (int z = 0; z < KS; z++) {
+            const float* split = tile_part + (size_t)z * ELEMS + tid;
+#pragma unroll
+            for (int q = 0; q < PER; q++) v[q] += __ldcg(split + q * THREADS);
+        }
+        if (tid == 0) counts[tile] = 0;
+    }
+    tile_epilogue<S, PER, THREADS, TR>(v, 0, PER, j0, rows, n, e, best);
+}
+
+// The epilogue (or the LM head's picks) of elements q_lo <= q < q_hi of a tile in
+// tile_finish's order; the same q range for the whole block.
+template <class S, int PER, int THREADS, int TR>
+__device__ void tile_epilogue(const float* v, int q_lo, int q_hi, int j0, int rows, int n,
+                              const Epi<S>& e, unsigned long long* best) {
+    int tid = threadIdx.x;
+    bool picking = e.mode == EPI_PLAIN && e.first_pick < rows;
+    if (!picking) {
+#pragma unroll
+        for (int q = 0; q < PER; q++) {
+            int idx = tid + q * THREADS, j = j0 + idx % TR, r = idx / TR;
+            if (q >= q_lo && q < q_hi && j < n && r < rows) epilogue<S>(e, v[q], r, j, n);
+        }
+        return;
+    }
+    // Lanes in groups of G share a row: its best key among them first (shuffles), then one
+    // shared atomic per group, not one per lane.
+    const int G = TR < 32 ? TR : 32;
+#pragma unroll
+    for (int q = 0; q < PER; q++) {
+        if (q < q_lo || q >= q_hi) continue;
+        int idx = tid + q * THREADS, j = j0 + idx % TR, r = idx / TR;
+        unsigned long long key = 0;
+        if (j < n && r < rows) {
+            if (r >= e.first_pick) {
+                float score = pick_score(v[q], r - e.first_pick, j, e.pick_inv_t, e.pick_seeds);
+                key = pick_key(score, j);
+            } else {
+                epilogue<S>(e, v[q], r, j, n);
+            }
+        }
+#pragma unroll
+        for (int o = G / 2; o > 0; o >>= 1) {
+            unsigned long long other = __shfl_xor_sync(FULL_MASK, key, o);
+            key = other > key ? other : key;
+        }
+        if ((tid & (G - 1)) == 0 && key != 0) atomicMax(&best[r], key);
+    }
+    __syncthreads();
+    if (tid >= e.first_pick && tid < rows) atomicMax(e.picks + (tid - e.first_pick), best[tid]);
+}
+
 // x · wᵀ for up to 8·NT rows on the tensor cores (f16 / bf16 weights and activations, k a
 // multiple of 32): decode batches and short mixed passes, each weight still read once for all
 // rows, with gemv's epilogues (picks included). Block (tile, ks) of TC_WARPS warps takes 16·MT
@@ -1711,45 +1796,8 @@ __device__ void gemv_tc(const typename S::T* __restrict__ x, const typename S::T
         }
         v[q] = sum;
     }
-    if (tid == 0) prefetch_slice_l2(next, next_bytes);
-    if (KS > 1) {
-        float* tile_part = part + (size_t)tile * KS * ELEMS;
-#pragma unroll
-        for (int q = 0; q < PER; q++) {
-            int idx = tid + q * 32 * TC_WARPS;
-            if (idx < ELEMS) tile_part[(size_t)ks * ELEMS + idx] = v[q];
-        }
-        __threadfence();
-        __syncthreads();
-        if (tid == 0) last = atomicAdd(counts + tile, 1u) == (unsigned int)KS - 1;
-        __syncthreads();
-        if (!last) return;
-        __threadfence();
-#pragma unroll
-        for (int q = 0; q < PER; q++) {
-            int idx = tid + q * 32 * TC_WARPS;
-            float sum = 0.f;
-            for (int z = 0; idx < ELEMS && z < KS; z++)
-                sum += __ldcg(tile_part + (size_t)z * ELEMS + idx);
-            v[q] = sum;
-        }
-        if (tid == 0) counts[tile] = 0;
-    }
-    bool picking = e.mode == EPI_PLAIN && e.first_pick < rows;
-#pragma unroll
-    for (int q = 0; q < PER; q++) {
-        int idx = tid + q * 32 * TC_WARPS, j = j0 + idx % TR, r = idx / TR;
-        if (j >= n || r >= rows) continue;  // (rows <= TC: idx < ELEMS)
-        if (picking && r >= e.first_pick) {
-            float score = pick_score(v[q], r - e.first_pick, j, e.pick_inv_t, e.pick_seeds);
-            atomicMax(&best[r], pick_key(score, j));
-        } else {
-            epilogue<S>(e, v[q], r, j, n);
-        }
-    }
-    if (!picking) return;
-    __syncthreads();
-    if (tid >= e.first_pick && tid < rows) atomicMax(e.picks + (tid - e.first_pick), best[tid]);
+    tile_finish<S, PER, 32 * TC_WARPS, TR>(v, j0, rows, n, part, counts, next, next_bytes, e,
+                                           best, &last);
 }
 
 // The epilogues after a cuBLAS product y[rows, n] (f32), elementwise (longer passes' path).

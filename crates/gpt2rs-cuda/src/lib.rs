@@ -19,9 +19,10 @@
 //! matrix-vector kernels that start the next product's matrix into L2 as they finish. A
 //! persistent kernel for batch-1 decode (decode_step.cu: every layer in one launch, weights
 //! streamed by bulk copies) is correct but slower than the kernel-by-kernel path so far, so it
-//! runs only when asked (GPT2RS_CUDA_STEP=1). Not yet: batch-1 decode at the speed
-//! targets, a skinny tensor-core product that beats cuBLAS from 9 to 64 rows (batch-32
-//! target); see docs/benchmarks.md. [`probe`] measures a GPU's ceilings for
+//! runs only when asked (GPT2RS_CUDA_STEP=1), and so is a tensor-core product of up to 64
+//! rows that streams its weights through shared memory (gemm_tc.cu, GPT2RS_CUDA_GEMM_ROWS).
+//! Not yet: batch-1 decode at the speed targets, a product of 9 to 64 rows that beats
+//! cuBLAS (batch-32 target); see docs/benchmarks.md. [`probe`] measures a GPU's ceilings for
 //! `gpt2rs bench`.
 
 mod decode_step;
@@ -31,6 +32,7 @@ mod launch;
 mod lt;
 pub mod probe;
 mod shared_gpu;
+mod tensor_cores;
 mod weights;
 
 pub use engine::MemoryNeeded;

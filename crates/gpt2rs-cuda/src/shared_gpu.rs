@@ -106,6 +106,14 @@ impl CudaEngine {
         self
     }
 
+    /// Runs the products of passes of `rows` rows (within 1-64) in gemm_tc.cu's streamed
+    /// tensor-core kernel, instead of the default (none) or GPT2RS_CUDA_GEMM_ROWS (`1..=0`
+    /// for none); for tests and comparisons.
+    pub fn with_streamed_rows(mut self, rows: std::ops::RangeInclusive<usize>) -> Self {
+        self.engine.set_streamed_rows(rows);
+        self
+    }
+
     /// Runs one-row passes (batch-1 decode) in the persistent kernel (decode_step.cu) where
     /// the model and GPU allow it when `on`, kernel by kernel (the default) when not; for
     /// tests and comparisons (GPT2RS_CUDA_STEP=1 turns it on for a whole process).

@@ -468,36 +468,44 @@ fn decode_batches(
 
 #[test]
 fn tensor_core_products_of_1_to_64_rows_match_the_cpu() {
-    // Products of up to 64 rows on the tensor cores (gemv_tc: kernels for up to 8, 16, 32 and
-    // 64 rows, matrices with few tiles split along k and summed by their last block), here
-    // for every pass length, with every epilogue and the LM head's picks fused, in f16 and
-    // bf16, at gpt2-xl's width: decode batches on each side of every tile size, and a pass
-    // mixing prompt chunks with decode rows in 40 rows.
+    // Products of up to 64 rows on the tensor cores, here for every pass length, with every
+    // epilogue and the LM head's picks fused, in f16 and bf16, at gpt2-xl's width (k of 1600
+    // and 6400, 25 heads, a head of 50,257 rows): decode batches on each side of every tile
+    // size, and a pass mixing prompt chunks with decode rows in 40 rows. Both kernels:
+    // gemv_tc (registers; kernels for up to 8, 16, 32 and 64 rows) and gemm_tc (weights
+    // streamed through shared memory; up to 16, 32, 64), matrices with few tiles split along
+    // k and summed by their last block.
     let mut xl = Gpt2Config::preset("gpt2-xl").unwrap();
     xl.n_layer = 2;
     let vocab = xl.vocab_size;
     let mut c = CpuEngine::new(ModelWeights::synthetic(&xl, 3));
     for (dtype, bound) in [(DType::F16, 5e-3), (DType::Bf16, 4e-2)] {
         let w = ModelWeights::synthetic_as(&xl, 3, WeightFormat::new(dtype));
-        let Some(g) = gpu(&w) else { return };
-        let mut g = g.with_tensor_core_rows(1..=64);
-        drop(w);
-        let sizes = [1, 5, 8, 9, 16, 17, 32, 33, 64];
-        let mut worst = decode_batches(&mut c, &mut g, false, sizes);
-        let (cs, gs): (Vec<_>, Vec<_>) =
-            (0..6).map(|_| (c.add_sequence(), g.add_sequence())).unzip();
-        let sizes: [&[usize]; 2] = [&[11, 1, 5, 2, 19, 2], &[1, 13, 1, 1, 23, 1]];
-        for (step, sizes) in sizes.iter().enumerate() {
-            let feeds: Vec<Vec<u32>> = (0..sizes.len())
-                .map(|i| tokens(sizes[i], vocab, (9 * step + i) as u64))
-                .collect();
-            worst = worst.max(same_pass(&mut c, &mut g, &cs, &gs, &feeds, LogitsFor::All));
-        }
-        eprintln!("tensor-core products {dtype}: worst relative error {worst:.2e}");
-        assert!(worst < bound, "{dtype}: worst {worst:e}");
-        for (cq, gq) in cs.into_iter().zip(gs) {
-            c.remove_sequence(cq);
-            g.remove_sequence(gq);
+        for kernel in ["gemv_tc", "gemm_tc"] {
+            let Some(g) = gpu(&w) else { return };
+            #[allow(clippy::reversed_empty_ranges)]
+            let mut g = if kernel == "gemv_tc" {
+                g.with_tensor_core_rows(1..=64).with_streamed_rows(1..=0)
+            } else {
+                g.with_tensor_core_rows(1..=0).with_streamed_rows(1..=64)
+            };
+            let sizes = [1, 5, 8, 9, 16, 17, 32, 33, 64];
+            let mut worst = decode_batches(&mut c, &mut g, false, sizes);
+            let (cs, gs): (Vec<_>, Vec<_>) =
+                (0..6).map(|_| (c.add_sequence(), g.add_sequence())).unzip();
+            let sizes: [&[usize]; 2] = [&[11, 1, 5, 2, 19, 2], &[1, 13, 1, 1, 23, 1]];
+            for (step, sizes) in sizes.iter().enumerate() {
+                let feeds: Vec<Vec<u32>> = (0..sizes.len())
+                    .map(|i| tokens(sizes[i], vocab, (9 * step + i) as u64))
+                    .collect();
+                worst = worst.max(same_pass(&mut c, &mut g, &cs, &gs, &feeds, LogitsFor::All));
+            }
+            eprintln!("tensor-core products, {kernel}, {dtype}: worst relative error {worst:.2e}");
+            assert!(worst < bound, "{kernel}, {dtype}: worst {worst:e}");
+            for (cq, gq) in cs.into_iter().zip(gs) {
+                c.remove_sequence(cq);
+                g.remove_sequence(gq);
+            }
         }
     }
 }
