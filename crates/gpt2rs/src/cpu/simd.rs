@@ -14,6 +14,11 @@ pub(crate) fn has_avx2_fma() -> bool {
 pub fn isa_name() -> &'static str {
     #[cfg(target_arch = "x86_64")]
     {
+        // The panel kernels and the GEMM (gemm's x86-v4 microkernels) use AVX-512 where it
+        // is present.
+        if has_avx2_fma() && is_x86_feature_detected!("avx512f") {
+            return "avx512f+avx2+fma";
+        }
         if has_avx2_fma() {
             return "avx2+fma";
         }
@@ -143,6 +148,13 @@ pub fn sum(x: &[f32]) -> f32 {
 /// Runs `iters` rounds of independent multiply-adds in registers and returns the FLOPs done
 /// (for the FMA-peak probe).
 pub fn fma_loop(iters: usize) -> u64 {
+    // The widest FMA the machine has: the GEMM reaches past a 256-bit loop's rate where
+    // AVX-512 is present, so a narrower probe would understate the ceiling.
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F is present.
+        return unsafe { x86::fma_loop_512(iters) };
+    }
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
         // SAFETY: AVX2 and FMA are present.
@@ -253,6 +265,21 @@ mod x86 {
         }
         std::hint::black_box(acc);
         (iters * 10 * 8 * 2) as u64
+    }
+
+    /// fma_loop with 512-bit registers: twelve chains (the FMA latency on two ports, with room).
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn fma_loop_512(iters: usize) -> u64 {
+        let m = _mm512_set1_ps(0.999_999);
+        let c = _mm512_set1_ps(1e-7);
+        let mut acc = [_mm512_set1_ps(1.0); 12];
+        for _ in 0..iters {
+            for a in acc.iter_mut() {
+                *a = _mm512_fmadd_ps(*a, m, c);
+            }
+        }
+        std::hint::black_box(acc);
+        (iters * 12 * 16 * 2) as u64
     }
 
     /// Σ x with eight accumulators.
