@@ -9,6 +9,7 @@
 //! in a compact format are dequantized a block of rows at a time into a buffer that stays in
 //! cache, and each block is multiplied there.
 
+use super::transpose::transpose;
 use super::{panel, qdot, simd, tile};
 use crate::quant::{groups, Q8Acts, QData, QMatrix, GROUP};
 use rayon::prelude::*;
@@ -195,27 +196,24 @@ fn use_panels() -> bool {
     *ON.get_or_init(|| std::env::var("GPT2RS_CPU_PANEL").map_or(true, |v| v != "0"))
 }
 
-/// `dst[t, j] (+)= Σ_kk x[t, kk] · w[j, kk]` for `t < rows`, `j < n`: the gemm crate's call for
-/// row-major `x` (`[rows, k]`) and weights (`[n, k]`, used transposed), into `dst` with row
+/// `dst[t, j] (+)= Σ_kk x[t, kk] · w[j, kk]` for `t < rows`, `j < n`: the gemm crate's call
+/// with both operands column-major, the layout it copies into its kernels fast: `xt` is `x`
+/// transposed (`[k, rows]`) and `wt` the weights transposed (`[k, n]`). Writes `dst` with row
 /// stride `dst.1`; adds to what `dst` holds when `accumulate`.
 ///
 /// # Safety
 /// `dst.0` must be valid for writes of `rows` rows of `n` elements at row stride `dst.1`, not
-/// written by anyone else meanwhile; `x` must hold `rows * k` and `w` `n * k` elements.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_x_wt(
-    rows: usize,
-    n: usize,
-    k: usize,
+/// written by anyone else meanwhile.
+unsafe fn gemm_xt_wt(
+    (rows, n, k): (usize, usize, usize),
     dst: (*mut f32, usize),
     accumulate: bool,
-    x: &[f32],
-    w: &[f32],
-    parallelism: gemm::Parallelism,
+    xt: &[f32],
+    wt: &[f32],
 ) {
-    debug_assert!(x.len() >= rows * k && w.len() >= n * k);
-    // SAFETY: the caller's contract; lhs = x row-major, rhs = wᵀ, i.e. element (kk, j) at
-    // w[j*k + kk].
+    assert!(xt.len() >= rows * k && wt.len() >= n * k);
+    // SAFETY: the caller's contract for dst; lhs element (t, kk) at xt[kk*rows + t], rhs
+    // element (kk, j) at wt[kk*n + j], both inside the slices (checked above).
     unsafe {
         gemm::gemm(
             rows,
@@ -225,18 +223,18 @@ unsafe fn gemm_x_wt(
             1,
             dst.1 as isize,
             accumulate,
-            x.as_ptr(),
+            xt.as_ptr(),
+            rows as isize,
             1,
-            k as isize,
-            w.as_ptr(),
-            k as isize,
+            wt.as_ptr(),
             1,
+            n as isize,
             1.0,
             1.0,
             false,
             false,
             false,
-            parallelism,
+            gemm::Parallelism::None,
         );
     }
 }
@@ -245,28 +243,39 @@ unsafe fn gemm_x_wt(
 /// of a core's L2 on current CPUs; narrower matrices stay well inside it.
 const GEMM_BLOCK: usize = 64;
 
-/// Many rows: the weights in blocks of GEMM_BLOCK rows, one task each (f32 used in place, the
-/// compact formats dequantized into a buffer that stays in cache), each block one
-/// single-threaded gemm call. For f32 this measured faster than one gemm call over the whole
-/// matrix with gemm's own threading (prefill_gemms example, gpt2 shapes, 128 rows).
+/// Many rows: `x` transposed once, the weights in blocks of GEMM_BLOCK rows, one task each
+/// (transposed into a buffer that stays in cache; the compact formats dequantized first), each
+/// block one single-threaded gemm call. For f32 this measured faster than one gemm call over
+/// the whole matrix with gemm's own threading (prefill_gemms example, gpt2 shapes, 128 rows).
 fn gemm_blocks(x: &[f32], rows: usize, w: &QMatrix, bias: Option<&[f32]>, out: &mut [f32]) {
     let (n, k) = (w.rows, w.cols);
+    let mut xt = vec![0f32; k * rows];
+    // Split over the threads by columns of x (rows of xt).
+    const XT_CHUNK: usize = 256;
+    xt.par_chunks_mut(XT_CHUNK * rows)
+        .enumerate()
+        .for_each(|(c, part)| {
+            let c0 = c * XT_CHUNK;
+            transpose(&x[c0..], k, rows, part.len() / rows, part, rows);
+        });
     let out_ptr = OutPtr(out.as_mut_ptr());
-    (0..n.div_ceil(GEMM_BLOCK))
-        .into_par_iter()
-        .for_each_init(Vec::new, |buf: &mut Vec<f32>, b| {
+    (0..n.div_ceil(GEMM_BLOCK)).into_par_iter().for_each_init(
+        || (Vec::new(), Vec::new()),
+        |(rows_buf, wt): &mut (Vec<f32>, Vec<f32>), b| {
             let (j0, j1) = (b * GEMM_BLOCK, ((b + 1) * GEMM_BLOCK).min(n));
             let cols = j1 - j0;
             let wb: &[f32] = match &w.data {
                 QData::F32(d) => &d[j0 * k..j1 * k],
                 _ => {
-                    buf.resize(cols * k, 0.0);
-                    for (j, dst) in (j0..j1).zip(buf.chunks_exact_mut(k)) {
+                    rows_buf.resize(cols * k, 0.0);
+                    for (j, dst) in (j0..j1).zip(rows_buf.chunks_exact_mut(k)) {
                         qdot::dequantize_row(w, j, dst);
                     }
-                    buf
+                    rows_buf
                 }
             };
+            wt.resize(cols * k, 0.0);
+            transpose(wb, k, cols, k, wt, cols);
             let dst = out_ptr.get();
             if let Some(b) = bias {
                 for t in 0..rows {
@@ -275,20 +284,10 @@ fn gemm_blocks(x: &[f32], rows: usize, w: &QMatrix, bias: Option<&[f32]>, out: &
                     row.copy_from_slice(&b[j0..j1]);
                 }
             }
-            // SAFETY: out[:, j0..j1] (row stride n) is this task's alone; wb is [cols, k].
-            unsafe {
-                gemm_x_wt(
-                    rows,
-                    cols,
-                    k,
-                    (dst.add(j0), n),
-                    bias.is_some(),
-                    x,
-                    wb,
-                    gemm::Parallelism::None,
-                )
-            };
-        });
+            // SAFETY: out[:, j0..j1] (row stride n) is this task's alone.
+            unsafe { gemm_xt_wt((rows, cols, k), (dst.add(j0), n), bias.is_some(), &xt, wt) };
+        },
+    );
 }
 
 #[cfg(test)]

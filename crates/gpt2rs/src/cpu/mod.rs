@@ -12,6 +12,7 @@ pub mod simd;
 // Tile kernels exist for x86-64 only; elsewhere `best()` is None and the rest goes unused.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code, unused_variables))]
 mod tile;
+mod transpose;
 
 use crate::config::{Activation, Gpt2Config};
 use crate::engine::{BatchEntry, Engine, Logits, LogitsFor, SeqId};
